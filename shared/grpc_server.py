@@ -1,0 +1,224 @@
+"""Async gRPC server plumbing shared by the three services.
+
+``GrpcServer`` wires: the standard health service (NOT_SERVING until :meth:`mark_serving`),
+reflection, one interceptor that maps typed errors to status codes (never a traceback to a
+client) and records Prometheus metrics, OpenTelemetry server spans with W3C context from the
+metadata, and a graceful drain on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from shared import metrics
+from shared.config import ServerConfig
+from shared.errors import AceStepError
+from shared.pb.acestep.common.v1 import common_pb2
+from shared.telemetry import request_id_var
+
+log = logging.getLogger(__name__)
+ERROR_DETAIL_KEY = "acestep-error-bin"
+
+
+@dataclass(frozen=True)
+class ServiceBinding:
+    """One servicer: its generated ``add_XServicer_to_server`` function and full service name."""
+
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+    full_name: str  # e.g. "acestep.dit.v1.DitService"
+
+
+def _status_code(error: AceStepError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, error.grpc_code_name, grpc.StatusCode.UNKNOWN)
+
+
+def error_metadata(code: grpc.StatusCode, message: str, field: str = "", stage: str = "") -> tuple:
+    detail = common_pb2.ErrorDetail(code=code.name, field=field or "", message=message, stage=stage,
+                                    request_id=request_id_var.get())
+    return ((ERROR_DETAIL_KEY, detail.SerializeToString()),)
+
+
+async def abort_with(context: grpc.aio.ServicerContext, error: AceStepError) -> None:
+    """Abort the RPC with the error's status code, message and an ErrorDetail trailer."""
+    code = _status_code(error)
+    stage = getattr(error, "stage", "") or ""
+    await context.abort(code, error.message, error_metadata(code, error.message, error.field or "", stage))
+
+
+class _Call:
+    """Bookkeeping of one RPC: request id, in-flight gauge, latency and outcome metrics."""
+
+    def __init__(self, service: str, method: str, request: Any) -> None:
+        self.labels = (service, method)
+        self.code = "OK"
+        self.start = time.perf_counter()
+        self.token = request_id_var.set(getattr(request, "request_id", "") or "-")
+        metrics.RPC_IN_FLIGHT.labels(*self.labels).inc()
+
+    def close(self) -> None:
+        metrics.RPC_IN_FLIGHT.labels(*self.labels).dec()
+        metrics.RPC_LATENCY.labels(*self.labels).observe(time.perf_counter() - self.start)
+        metrics.RPC_REQUESTS.labels(*self.labels, self.code).inc()
+        request_id_var.reset(self.token)
+
+    async def fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        """Map an exception to a status; re-raise what gRPC or asyncio must see."""
+        if isinstance(exc, AceStepError):
+            self.code = exc.grpc_code_name
+            await abort_with(context, exc)
+        if isinstance(exc, asyncio.CancelledError):
+            self.code = "CANCELLED"
+            raise exc
+        if isinstance(exc, grpc.aio.AbortError):
+            code = context.code() if hasattr(context, "code") else None
+            self.code = code.name if isinstance(code, grpc.StatusCode) else "ABORTED"
+            raise exc
+        self.code = "INTERNAL"
+        log.error("unhandled error in %s/%s", *self.labels, exc_info=exc)
+        message = f"internal error (request_id {request_id_var.get()})"
+        await context.abort(grpc.StatusCode.INTERNAL, message, error_metadata(grpc.StatusCode.INTERNAL, message))
+
+
+def _wrap_unary(behavior: Callable, service: str, method: str) -> Callable:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = _Call(service, method, request)
+        try:
+            return await behavior(request, context)
+        except BaseException as exc:  # mapped, logged or re-raised by fail()
+            await call.fail(context, exc)
+        finally:
+            call.close()
+
+    return handler
+
+
+def _wrap_stream(behavior: Callable, service: str, method: str) -> Callable:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = _Call(service, method, request)
+        try:
+            result = behavior(request, context)
+            if inspect.isasyncgen(result):
+                async for item in result:
+                    yield item
+            else:
+                await result
+        except BaseException as exc:  # mapped, logged or re-raised by fail()
+            await call.fail(context, exc)
+        finally:
+            call.close()
+
+    return handler
+
+
+class ErrorMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Typed errors → status codes, unexpected errors → INTERNAL (logged, no traceback sent)."""
+
+    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith("/grpc."):
+            return handler
+        service, _, method = details.method.lstrip("/").rpartition("/")
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, service, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, service, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def _tracing_interceptors() -> list[grpc.aio.ServerInterceptor]:
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+    return [aio_server_interceptor()]
+
+
+class GrpcServer:
+    """Build, start, mark serving, drain. One per service process (tests may run several)."""
+
+    def __init__(self, config: ServerConfig, bindings: Iterable[ServiceBinding]) -> None:
+        self.config = config
+        self.bindings = list(bindings)
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.server = grpc.aio.server(interceptors=[*_tracing_interceptors(), ErrorMetricsInterceptor()],
+                                      options=options)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        for binding in self.bindings:
+            binding.add_to_server(binding.servicer, self.server)
+        names = [b.full_name for b in self.bindings]
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        self.port = 0
+        self.metrics_port: Optional[int] = None
+        self._stopped = asyncio.Event()
+
+    async def _set_status(self, status: int) -> None:
+        for name in ["", *(b.full_name for b in self.bindings)]:
+            await self.health.set(name, status)
+
+    async def start(self) -> int:
+        """Bind and start; health is NOT_SERVING until :meth:`mark_serving`. Returns the port."""
+        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
+        await self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        if self.config.metrics_port >= 0:
+            http_server, _ = start_http_server(self.config.metrics_port, addr=self.config.host)
+            self.metrics_port = http_server.server_port
+        log.info("%s listening on %s:%d (metrics port %s)", self.config.service_name, self.config.host,
+                 self.port, self.metrics_port)
+        return self.port
+
+    async def mark_serving(self) -> None:
+        await self._set_status(health_pb2.HealthCheckResponse.SERVING)
+
+    async def drain(self, grace_s: Optional[float] = None) -> None:
+        """Report NOT_SERVING, refuse new RPCs, let in-flight ones finish within the grace period."""
+        grace = self.config.drain_grace_s if grace_s is None else grace_s
+        log.info("draining %s (grace %.1f s)", self.config.service_name, grace)
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        self._stopped.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.drain()))
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+        await self.server.wait_for_termination()
+
+
+def write_port_file(path: str, port: int) -> None:
+    """Atomically publish the bound port (readers poll for the file)."""
+    if not path:
+        return
+    target = Path(path)
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    tmp.write_text(str(port))
+    tmp.replace(target)

@@ -1,0 +1,244 @@
+"""Validation of the public request types against the documented ranges.
+
+Every failure raises :class:`shared.errors.InvalidArgument` naming the field, the value and the
+limit, e.g. ``duration must be in [10, 600] seconds (or <= 0 for automatic), got 700``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+from shared import constants as c
+from shared.audio_codes import parse_strict
+from shared.errors import InvalidArgument, out_of_range
+from shared.types import (
+    CreateSampleParams,
+    FormatSampleParams,
+    GenerationConfig,
+    GenerationParams,
+    UnderstandParams,
+)
+
+MAX_SEED = 2**32 - 1
+MAX_TEXT_CHARS = 512
+SOURCE_TASKS = ("cover", "repaint", "lego", "extract", "complete")
+
+# field -> (low, high, unit); inclusive ranges checked when the value is numeric.
+_PARAM_RANGES: dict[str, tuple[float, float, str]] = {
+    "inference_steps": (1, c.BASE_MAX_STEPS, "steps"),
+    "guidance_scale": (c.GUIDANCE_MIN, c.GUIDANCE_MAX, ""),
+    "cfg_interval_start": (0.0, 1.0, ""),
+    "cfg_interval_end": (0.0, 1.0, ""),
+    "shift": (c.SHIFT_MIN, c.SHIFT_MAX, ""),
+    "repainting_start": (-c.DURATION_MAX_S, c.DURATION_MAX_S, "seconds"),
+    "audio_cover_strength": (0.0, 1.0, ""),
+    "lm_temperature": (0.0, 2.0, ""),
+    "lm_cfg_scale": (1.0, 10.0, ""),
+    "lm_top_k": (0, 1000, ""),
+    "lm_top_p": (0.0, 1.0, ""),
+    "lora_scale": (0.0, 4.0, ""),
+    "seed": (-1, MAX_SEED, ""),
+}
+_TEXT_LIMITS = {
+    "caption": c.CAPTION_MAX_CHARS,
+    "lyrics": c.LYRICS_MAX_CHARS,
+    "instruction": MAX_TEXT_CHARS,
+    "lm_negative_prompt": MAX_TEXT_CHARS,
+    "lora_id": 128,
+}
+
+
+def check_range(field: str, value: float, low: float, high: float, unit: str = "") -> None:
+    """Raise unless ``low <= value <= high`` (NaN and infinities always fail)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgument(f"{field} must be a number, got {value!r}", field=field)
+    if math.isnan(value) or not low <= value <= high:
+        raise out_of_range(field, value, low, high, unit)
+
+
+def check_text(field: str, value: str, max_chars: int) -> None:
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{field} must be a string, got {type(value).__name__}", field=field)
+    if len(value) > max_chars:
+        raise InvalidArgument(f"{field} must be at most {max_chars} characters, got {len(value)}", field=field)
+
+
+def check_choice(field: str, value: str, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise InvalidArgument(f"{field} must be one of {', '.join(allowed)}; got {value!r}", field=field)
+
+
+def normalize_keyscale(value: str, field: str = "keyscale") -> str:
+    """Canonical spelling of a key (``"c MAJOR"`` → ``"C major"``); empty stays empty."""
+    text = " ".join(value.split())
+    if not text:
+        return ""
+    for candidate in c.KEYSCALES:
+        if candidate.lower() == text.lower():
+            return candidate
+    raise InvalidArgument(
+        f"{field} must be a note A-G with optional #, b, \u266f or \u266d and 'major' or 'minor' "
+        f"(e.g. 'C major', 'F# minor'); got {value!r}",
+        field=field,
+    )
+
+
+def normalize_timesignature(value: str, field: str = "timesignature") -> str:
+    """``"4/4"`` → ``"4"``, ``"6/8"`` → ``"6"``; empty stays empty."""
+    text = value.strip()
+    if not text:
+        return ""
+    numerator = {"2/4": "2", "3/4": "3", "4/4": "4", "6/8": "6"}.get(text, text)
+    if numerator not in c.VALID_TIME_SIGNATURES:
+        raise InvalidArgument(f"{field} must be one of 2, 3, 4, 6 (or 2/4, 3/4, 4/4, 6/8); got {value!r}", field=field)
+    return numerator
+
+
+def check_duration(field: str, value: Optional[float], allow_auto: bool = True) -> None:
+    if value is None and allow_auto:
+        return
+    check_range(field, value, -math.inf, c.DURATION_MAX_S)
+    if allow_auto and value <= 0:
+        return
+    if not c.DURATION_MIN_S <= value <= c.DURATION_MAX_S:
+        auto = " (or <= 0 for automatic)" if allow_auto else ""
+        raise InvalidArgument(
+            f"{field} must be in [{c.DURATION_MIN_S:g}, {c.DURATION_MAX_S:g}] seconds{auto}, got {value!r}", field=field
+        )
+
+
+def check_bpm(field: str, value: Optional[int]) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{field} must be an integer, got {value!r}", field=field)
+    check_range(field, value, c.BPM_MIN, c.BPM_MAX)
+
+
+def check_language(field: str, value: str) -> None:
+    if value:
+        check_choice(field, value, c.VALID_LANGUAGES)
+
+
+def check_timesteps(timesteps: Optional[list[float]]) -> None:
+    """Custom timesteps: 1..64 values in [0, 1], strictly descending."""
+    if timesteps is None:
+        return
+    if not 1 <= len(timesteps) <= 64:
+        raise InvalidArgument(f"timesteps must hold 1 to 64 values, got {len(timesteps)}", field="timesteps")
+    for value in timesteps:
+        check_range("timesteps", value, 0.0, 1.0)
+    if any(b >= a for a, b in zip(timesteps, timesteps[1:])):
+        raise InvalidArgument(f"timesteps must be strictly descending, got {timesteps!r}", field="timesteps")
+
+
+def check_tracks(params: GenerationParams) -> None:
+    if params.track_name:
+        check_choice("track_name", params.track_name, c.TRACK_NAMES)
+    for name in params.track_classes:
+        check_choice("track_classes", name, c.TRACK_NAMES)
+    if params.track_classes and params.task_type != "complete":
+        raise InvalidArgument("track_classes is only used by task_type 'complete'", field="track_classes")
+    if params.track_name and params.task_type not in c.TRACK_TASKS:
+        raise InvalidArgument("track_name is only used by task_type 'lego' or 'extract'", field="track_name")
+
+
+def check_task_inputs(params: GenerationParams) -> None:
+    """Tasks that transform audio need the source audio (cover may use audio codes instead)."""
+    if params.task_type not in SOURCE_TASKS or params.src_audio:
+        return
+    if params.task_type == "cover" and params.audio_codes.strip():
+        return
+    raise InvalidArgument(f"task_type {params.task_type!r} requires src_audio", field="src_audio")
+
+
+def check_repaint_window(params: GenerationParams) -> None:
+    check_range("repainting_start", params.repainting_start, -c.DURATION_MAX_S, c.DURATION_MAX_S, "seconds")
+    end = params.repainting_end
+    check_range("repainting_end", end, -math.inf, 2 * c.DURATION_MAX_S, "seconds")
+    if end >= 0 and end <= params.repainting_start:
+        raise InvalidArgument(
+            f"repainting_end must be greater than repainting_start ({params.repainting_start}) "
+            f"or negative for the end of the source, got {end}",
+            field="repainting_end",
+        )
+
+
+def validate_params(params: GenerationParams) -> None:
+    """Check every field of GenerationParams; raises InvalidArgument on the first violation."""
+    check_choice("task_type", params.task_type, c.TASK_TYPES)
+    check_choice("infer_method", params.infer_method, c.INFER_METHODS)
+    for name, limit in _TEXT_LIMITS.items():
+        check_text(name, getattr(params, name), limit)
+    for name, (low, high, unit) in _PARAM_RANGES.items():
+        check_range(name, getattr(params, name), low, high, unit)
+    if params.cfg_interval_start > params.cfg_interval_end:
+        raise InvalidArgument(
+            f"cfg_interval_start ({params.cfg_interval_start}) must not exceed cfg_interval_end "
+            f"({params.cfg_interval_end})",
+            field="cfg_interval_start",
+        )
+    check_bpm("bpm", params.bpm)
+    check_duration("duration", params.duration)
+    check_language("vocal_language", params.vocal_language)
+    normalize_keyscale(params.keyscale)
+    normalize_timesignature(params.timesignature)
+    check_timesteps(params.timesteps)
+    check_repaint_window(params)
+    check_tracks(params)
+    if params.audio_codes.strip():
+        codes = parse_strict(params.audio_codes, field="audio_codes")
+        max_codes = int(c.DURATION_MAX_S * c.CODES_PER_SECOND)
+        if len(codes) > max_codes:
+            raise InvalidArgument(f"audio_codes must hold at most {max_codes} codes (600 s), got {len(codes)}",
+                                  field="audio_codes")
+    check_task_inputs(params)
+
+
+def validate_config(config: GenerationConfig) -> None:
+    check_range("batch_size", config.batch_size, c.BATCH_SIZE_MIN, c.BATCH_SIZE_MAX)
+    check_range("lm_batch_chunk_size", config.lm_batch_chunk_size, 1, c.BATCH_SIZE_MAX)
+    check_choice("audio_format", config.audio_format, c.AUDIO_FORMATS)
+    seeds = [config.seeds] if isinstance(config.seeds, int) else (config.seeds or [])
+    if len(seeds) > c.BATCH_SIZE_MAX:
+        raise InvalidArgument(f"seeds must hold at most {c.BATCH_SIZE_MAX} values, got {len(seeds)}", field="seeds")
+    for seed in seeds:
+        check_range("seeds", seed, -1, MAX_SEED)
+
+
+def validate_generation(params: GenerationParams, config: GenerationConfig) -> None:
+    validate_params(params)
+    validate_config(config)
+
+
+def _check_sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float) -> None:
+    check_range("temperature", temperature, 0.0, 2.0)
+    check_range("top_k", top_k, 0, 1000)
+    check_range("top_p", top_p, 0.0, 1.0)
+    check_range("repetition_penalty", repetition_penalty, 0.5, 2.0)
+
+
+def validate_understand(params: UnderstandParams) -> None:
+    _check_sampling(params.temperature, params.top_k, params.top_p, params.repetition_penalty)
+    if params.audio_codes.strip() and params.audio_codes.strip() != c.NO_USER_INPUT:
+        parse_strict(params.audio_codes, field="audio_codes")
+
+
+def validate_create_sample(params: CreateSampleParams) -> None:
+    _check_sampling(params.temperature, params.top_k, params.top_p, params.repetition_penalty)
+    check_text("query", params.query, c.CAPTION_MAX_CHARS)
+    check_language("vocal_language", params.vocal_language)
+
+
+def validate_format_sample(params: FormatSampleParams) -> None:
+    _check_sampling(params.temperature, params.top_k, params.top_p, params.repetition_penalty)
+    check_text("caption", params.caption, c.CAPTION_MAX_CHARS)
+    check_text("lyrics", params.lyrics, c.LYRICS_MAX_CHARS)
+    meta = params.user_metadata
+    check_bpm("user_metadata.bpm", meta.bpm)
+    check_duration("user_metadata.duration", meta.duration)
+    normalize_keyscale(meta.keyscale, "user_metadata.keyscale")
+    normalize_timesignature(meta.timesignature, "user_metadata.timesignature")
+    check_language("user_metadata.language", meta.language)

@@ -21,26 +21,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
+from shared.constants import DEFAULT_DIT_INSTRUCTION, TASK_TYPES, TRACK_NAMES, VALID_LANGUAGES
 from shared.errors import InvalidArgument, out_of_range
 
-TASK_TYPES: tuple[str, ...] = ("text2music", "repaint", "cover", "extract", "lego", "complete")
+__all__ = [
+    "CAPTION_PROMPT_TEMPLATE", "DEFAULT_DIT_INSTRUCTION", "DEFAULT_METAS", "LYRICS_PROMPT_TEMPLATE",
+    "LYRICS_TOKENIZER_KWARGS", "TASK_TYPES", "TEXT_TOKENIZER_KWARGS", "TRACK_NAMES", "VALID_LANGUAGES",
+    "ConditioningText", "DitPrompts", "build_dit_inputs", "build_metas_dict", "caption_prompt",
+    "dit_prompts", "extract_caption", "format_instruction", "lyrics_prompt", "metas_duration_s",
+    "metas_string", "prepare_batch_data", "task_instruction",
+]
 
-TRACK_NAMES: tuple[str, ...] = (
-    "woodwinds", "brass", "fx", "synth", "strings", "percussion",
-    "keyboard", "guitar", "bass", "drums", "backing_vocals", "vocals",
-)
-
-# 50 language codes the models were trained with, plus "unknown" (language not determined).
-VALID_LANGUAGES: tuple[str, ...] = (
-    "ar", "az", "bg", "bn", "ca", "cs", "da", "de", "el", "en",
-    "es", "fa", "fi", "fr", "he", "hi", "hr", "ht", "hu", "id",
-    "is", "it", "ja", "ko", "la", "lt", "ms", "ne", "nl", "no",
-    "pa", "pl", "pt", "ro", "ru", "sa", "sk", "sr", "sv", "sw",
-    "ta", "te", "th", "tl", "tr", "uk", "ur", "vi", "yue", "zh",
-    "unknown",
-)
-
-DEFAULT_DIT_INSTRUCTION = "Fill the audio semantic mask based on the given conditions:"
 DEFAULT_VOCAL_LANGUAGE = "en"
 DEFAULT_METAS = "- bpm: N/A\n- timesignature: N/A\n- keyscale: N/A\n- duration: 30 seconds\n"
 NOT_AVAILABLE = "N/A"

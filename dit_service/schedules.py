@@ -7,9 +7,10 @@ Time runs from ``t = 1`` (pure noise) down to ``t = 0`` (data). Two families exi
 * base / sft: ``linspace(1, 0, N + 1)`` in float32, then ``shift * t / (1 + (shift - 1) * t)``
   evaluated in float32 tensor arithmetic (final 0 included).
 
-Every schedule is returned as a tuple of Python floats that are exactly the float32 values the
-reference evaluates the model at (it builds a float32 tensor and reads it back with ``.item()``),
-so step sizes taken as Python differences round the same way as the reference's.
+Turbo tables are returned in Python doubles exactly as the reference lists them; base schedules
+as the float32 values the reference computes. ``to_float32`` gives the values the model is
+evaluated at (the reference builds a float32 tensor and reads it back with ``.item()``), so step
+sizes taken as Python differences round the same way as the reference's.
 """
 
 from __future__ import annotations

@@ -30,12 +30,13 @@ import jinja2
 import jinja2.ext
 import jinja2.sandbox
 
+from shared.constants import NO_USER_INPUT
+
 LM_INSTRUCTION = "Generate audio semantic tokens based on the given conditions:"
 UNDERSTAND_INSTRUCTION = "Understand the given musical conditions and describe the audio semantics accordingly:"
 CREATE_SAMPLE_INSTRUCTION = "Expand the user's input into a more detailed and specific musical description:"
 FORMAT_SAMPLE_INSTRUCTION = "Format the user's input into a more detailed and specific musical description:"
 
-NO_USER_INPUT = "NO USER INPUT"
 INSTRUMENTAL_LYRICS = "[Instrumental]"
 LEGACY_EMPTY_COT = "<think>\n</think>"
 EMPTY_COT = "<think>\n\n</think>"

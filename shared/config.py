@@ -34,7 +34,7 @@ class ServerConfig:
     otlp_endpoint: str = ""            # OTLP/gRPC collector, e.g. otel-collector:4317; empty: no export
     log_level: str = "INFO"
     log_json: bool = False
-    max_message_bytes: int = 64 * 1024 * 1024
+    max_message_bytes: int = 320 * 1024 * 1024  # a 10-minute float WAV upload fits
 
 
 def add_server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:

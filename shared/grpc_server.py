@@ -155,15 +155,19 @@ def _tracing_interceptors() -> list[grpc.aio.ServerInterceptor]:
 class GrpcServer:
     """Build, start, mark serving, drain. One per service process (tests may run several)."""
 
-    def __init__(self, config: ServerConfig, bindings: Iterable[ServiceBinding]) -> None:
+    def __init__(self, config: ServerConfig, bindings: Iterable[ServiceBinding],
+                 extra_interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+                 credentials: Optional[grpc.ServerCredentials] = None) -> None:
         self.config = config
+        self.credentials = credentials
         self.bindings = list(bindings)
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self.server = grpc.aio.server(interceptors=[*_tracing_interceptors(), ErrorMetricsInterceptor()],
+        interceptors = [*_tracing_interceptors(), *extra_interceptors, ErrorMetricsInterceptor()]
+        self.server = grpc.aio.server(interceptors=interceptors,
                                       options=options)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -181,7 +185,11 @@ class GrpcServer:
 
     async def start(self) -> int:
         """Bind and start; health is NOT_SERVING until :meth:`mark_serving`. Returns the port."""
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        if self.credentials is not None:
+            self.port = self.server.add_secure_port(address, self.credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
         await self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)

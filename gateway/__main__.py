@@ -1,0 +1,97 @@
+"""``acestep-gateway --lm host:port[,..] --dit host:port[,..]``: the public entry point."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import grpc
+
+from gateway.auth import ApiKeyInterceptor
+from gateway.orchestrator import GatewayLimits, Orchestrator
+from gateway.passthrough import LmPassthrough
+from gateway.servicer import GatewayServicer
+from gateway.upstream import ReplicaPool
+from shared.config import add_server_flags, env_default, optional_env, server_config_from_args
+from shared.grpc_server import GrpcServer, ServiceBinding, write_port_file
+from shared.pb.acestep.dit.v1 import dit_pb2_grpc
+from shared.pb.acestep.gateway.v1 import gateway_pb2_grpc
+from shared.pb.acestep.lm.v1 import lm_pb2_grpc
+from shared.telemetry import setup_logging, setup_tracing
+
+log = logging.getLogger("gateway")
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="acestep-gateway", description=__doc__)
+    parser.add_argument("--lm", default=env_default("lm_targets", ""),
+                        help="LM replicas: host:port or dns:///service:port, comma-separated (empty: no LM)")
+    parser.add_argument("--dit", default=env_default("dit_targets", ""), help="DiT replicas, comma-separated")
+    parser.add_argument("--max-active", type=int, default=env_default("max_active", 16, int))
+    parser.add_argument("--max-queued", type=int, default=env_default("max_queued", 64, int))
+    parser.add_argument("--max-audio-bytes", type=int, default=env_default("max_audio_bytes", 256 * 1024 * 1024, int))
+    parser.add_argument("--max-attempts", type=int, default=env_default("max_attempts", 3, int))
+    parser.add_argument("--health-interval-s", type=float, default=env_default("health_interval_s", 1.0, float))
+    parser.add_argument("--backend-wait-s", type=float, default=env_default("backend_wait_s", 600.0, float),
+                        help="how long to wait at start-up for one healthy replica of each backend")
+    parser.add_argument("--tls-cert", default=env_default("tls_cert", ""))
+    parser.add_argument("--tls-key", default=env_default("tls_key", ""))
+    add_server_flags(parser, default_port=50050)
+    args = parser.parse_args(argv)
+    if not args.dit:
+        parser.error("--dit is required (at least one DiT replica)")
+    return args
+
+
+def _targets(value: str) -> list[str]:
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
+def _credentials(args: argparse.Namespace) -> Optional[grpc.ServerCredentials]:
+    if not args.tls_cert:
+        return None
+    pair = (Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())
+    return grpc.ssl_server_credentials([pair])
+
+
+async def serve(args: argparse.Namespace) -> None:
+    config = server_config_from_args("acestep-gateway", args)
+    setup_tracing(config.service_name, config.otlp_endpoint)
+    lm_pool = ReplicaPool("lm", _targets(args.lm), lm_pb2_grpc.LmServiceStub, args.health_interval_s) \
+        if args.lm else None
+    dit_pool = ReplicaPool("dit", _targets(args.dit), dit_pb2_grpc.DitServiceStub, args.health_interval_s)
+    limits = GatewayLimits(args.max_active, args.max_queued, args.max_audio_bytes, args.max_attempts)
+    orchestrator = Orchestrator(lm_pool, dit_pool, limits)
+    passthrough = LmPassthrough(orchestrator.lm, orchestrator.dit, args.max_audio_bytes)
+    keys = (optional_env("api_keys") or "").split(",")
+    interceptors = [ApiKeyInterceptor(keys)] if any(keys) else []
+    binding = ServiceBinding(gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
+                             GatewayServicer(orchestrator, passthrough), "acestep.gateway.v1.GatewayService")
+    server = GrpcServer(config, [binding], interceptors, _credentials(args))
+    port = await server.start()
+    server.install_signal_handlers()
+    for pool in filter(None, (lm_pool, dit_pool)):
+        await pool.start()
+        await pool.wait_ready(args.backend_wait_s)
+    await server.mark_serving()
+    write_port_file(args.port_file, port)
+    log.info("gateway serving on port %d (lm: %s, dit: %s, auth: %s)", port, args.lm or "none", args.dit,
+             "on" if interceptors else "off")
+    await server.wait()
+    for pool in filter(None, (lm_pool, dit_pool)):
+        await pool.close()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level, args.log_json)
+    asyncio.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Pure decisions of the generate flow, as the seed API's generate_music makes them.
+
+When the LM runs, which seeds each item gets, how LM metadata fills the request, and the stable
+per-item key. No I/O here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+from shared.audio_codes import format_codes
+from shared.types import GenerationConfig, GenerationParams, MusicMetadata
+
+SOURCE_AUDIO_TASKS = ("cover", "repaint", "lego", "extract", "complete")
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class LmDecision:
+    """Whether the LM runs for a request and what it produces."""
+
+    use_lm: bool
+    need_codes: bool
+    reason: str
+
+
+def decide_lm(params: GenerationParams, lm_available: bool) -> LmDecision:
+    """The LM plans text2music requests: metadata when any use_cot_* flag or thinking is on, codes
+    when thinking is on and the user gave no audio codes. Tasks that transform source audio never
+    use it (their structure comes from the source)."""
+    if params.task_type in SOURCE_AUDIO_TASKS:
+        return LmDecision(False, False, f"task_type {params.task_type} takes its structure from src_audio")
+    wants_lm = params.thinking or params.use_cot_metas or params.use_cot_caption or params.use_cot_language
+    if not wants_lm:
+        return LmDecision(False, False, "thinking and every use_cot_* flag are off")
+    if not lm_available:
+        return LmDecision(False, False, "no LM service configured")
+    has_codes = bool(params.audio_codes.strip())
+    need_codes = params.thinking and not has_codes
+    return LmDecision(True, need_codes, "codes given by the user" if has_codes else "planned by the LM")
+
+
+def resolve_seeds(params: GenerationParams, config: GenerationConfig, rng: Optional[random.Random] = None) -> list[int]:
+    """One seed per item: given seeds first (-1 → random), padded with random seeds.
+    Without given seeds and with use_random_seed off, a non-negative params.seed seeds item 0."""
+    rng = rng or random.SystemRandom()
+    given = [config.seeds] if isinstance(config.seeds, int) else list(config.seeds or [])
+    if not given and not config.use_random_seed and params.seed >= 0:
+        given = [params.seed]
+    seeds = [s if s >= 0 else rng.randint(0, MAX_SEED) for s in given[: config.batch_size]]
+    while len(seeds) < config.batch_size:
+        seeds.append(rng.randint(0, MAX_SEED))
+    return seeds
+
+
+def user_metadata(params: GenerationParams) -> MusicMetadata:
+    """What the user fixed (the LM forces these values and plans the rest)."""
+    return MusicMetadata(
+        bpm=params.bpm,
+        keyscale=params.keyscale.strip(),
+        timesignature=params.timesignature.strip(),
+        duration=params.duration if params.duration > 0 else None,
+        language=params.vocal_language if params.vocal_language not in ("", "unknown") else "",
+    )
+
+
+def merge_lm_metadata(params: GenerationParams, lm: MusicMetadata) -> GenerationParams:
+    """LM values fill only what the user left open; the caption becomes the LM's when
+    use_cot_caption is on. The detected language is used when the user left it unknown."""
+    merged = dataclasses.replace(
+        params,
+        cot_bpm=lm.bpm,
+        cot_keyscale=lm.keyscale,
+        cot_timesignature=lm.timesignature,
+        cot_duration=lm.duration,
+        cot_vocal_language=lm.language or "unknown",
+        cot_caption=lm.caption,
+        cot_lyrics=lm.lyrics,
+    )
+    if merged.bpm is None and lm.bpm is not None:
+        merged.bpm = lm.bpm
+    merged.keyscale = merged.keyscale or lm.keyscale
+    merged.timesignature = merged.timesignature or lm.timesignature
+    if merged.duration <= 0 and lm.duration:
+        merged.duration = float(lm.duration)
+    if params.use_cot_caption and lm.caption:
+        merged.caption = lm.caption
+    if params.use_cot_language and merged.vocal_language in ("", "unknown") and lm.language:
+        merged.vocal_language = lm.language
+    return merged
+
+
+def item_params(params: GenerationParams, seed: int, codes: Optional[list[int]]) -> GenerationParams:
+    """The parameters that produced one item (its seed and its codes)."""
+    audio_codes = format_codes(codes) if codes else params.audio_codes
+    return dataclasses.replace(params, seed=seed, audio_codes=audio_codes)
+
+
+def item_key(params: GenerationParams) -> str:
+    """A stable key for an item: the same parameters (seed and codes included) give the same key."""
+    fields = {}
+    for name, value in dataclasses.asdict(params).items():
+        if isinstance(value, (bytes, bytearray)):
+            value = "sha256:" + hashlib.sha256(value).hexdigest()
+        fields[name] = value
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"

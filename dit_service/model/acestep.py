@@ -44,7 +44,8 @@ class AceStepConditionGenerationModel(nn.Module):
         window = self.config.pool_window_size
         batch, frames, _ = x.shape
         if attention_mask is None:
-            attention_mask = torch.ones(batch, frames, dtype=x.dtype, device=x.device)
+            attention_mask = torch.ones(batch, frames, device=x.device)
+        mask = attention_mask.to(device=x.device, dtype=x.dtype)  # [B, T]
         pad = -frames % window
         if pad:
             if silence_latent.shape[1] < pad:
@@ -53,9 +54,8 @@ class AceStepConditionGenerationModel(nn.Module):
                 )
             filler = silence_latent[:1, :pad].to(device=x.device, dtype=x.dtype).expand(batch, -1, -1)  # [B, pad, 64]
             x = torch.cat([x, filler], dim=1)  # [B, T + pad, 64]
-            attention_mask = F.pad(attention_mask, (0, pad), value=0)
-        mask = attention_mask.to(x.dtype).unsqueeze(1)  # [B, 1, T + pad]
-        mask_5hz = F.max_pool1d(mask, kernel_size=window, stride=window, ceil_mode=True).squeeze(1)  # [B, T5]
+            mask = F.pad(mask, (0, pad), value=0.0)  # [B, T + pad]
+        mask_5hz = F.max_pool1d(mask.unsqueeze(1), kernel_size=window, stride=window, ceil_mode=True).squeeze(1)
         quantized, indices = self.tokenizer.tokenize(x)
         return quantized, indices, mask_5hz
 
@@ -105,7 +105,7 @@ class AceStepConditionGenerationModel(nn.Module):
             if silence_latent is None:
                 raise InvalidArgument("silence_latent is required to tokenize cover sources", field="silence_latent")
             quantized, _, _ = self.tokenize(hidden_states, silence_latent, attention_mask)
-            hints = self.detokenize(quantized)  # [B, T5 * 5, 64]
+            hints = self.detokenize(quantized)  # [B, 5 * T5, 64]
         if hints is not None:
             if hints.shape[1] < frames:
                 raise InvalidArgument(

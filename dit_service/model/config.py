@@ -11,13 +11,14 @@ Optional fields and the value used when the file lacks them (the reference behav
 * ``attention_bias``: false; ``hidden_act``: ``"silu"`` (the only activation supported);
 * ``encoder_hidden_size`` & co. (XL split): absent or null means the encoder side shares the
   decoder's widths;
-* ``is_turbo``: false unless ``model_version == "turbo"``.
+* ``is_turbo``: true when the file says so or when ``model_version == "turbo"`` (the published
+  turbo config carries both; the conformance checkpoint only the latter).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,37 +121,27 @@ class DiTConfig:
         for name in _ENCODER_SPLIT_FIELDS:
             values[name] = _int_field(data, name) if data.get(name) is not None else None
         _check_unsupported(data)
-        config = cls(**values)
-        config.validate()
-        return config
+        return cls(**values)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as ``config.json`` spells them (lists for tuples, null encoder split omitted)."""
-        data = asdict(self)
-        data["layer_types"] = list(self.layer_types)
-        data["fsq_input_levels"] = list(self.fsq_input_levels)
-        for name in _ENCODER_SPLIT_FIELDS:
-            if data[name] is None:
-                del data[name]
-        return data
-
-    def validate(self) -> None:
-        """Cross-field checks; raises ``InvalidArgument`` naming the offending field."""
+    def __post_init__(self) -> None:
+        """Cross-field checks on every instance (``replace`` included); raise ``InvalidArgument``."""
         for name in _REQUIRED_INT_FIELDS:
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}", field=name)
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise InvalidArgument(
-                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads})",
-                field="num_key_value_heads",
-            )
-        if self.in_channels != 3 * self.audio_acoustic_hidden_dim:
-            raise InvalidArgument(
-                f"in_channels must be 3 * audio_acoustic_hidden_dim = {3 * self.audio_acoustic_hidden_dim} "
-                f"(source latents, chunk mask, noisy latents), got {self.in_channels}",
-                field="in_channels",
-            )
+        self._check_attention()
+        self._check_io_widths()
+
+    def _check_attention(self) -> None:
+        encoder = self.encoder_view()
+        for config, prefix in ((self, ""), (encoder, "encoder_")):
+            if config.num_attention_heads % config.num_key_value_heads:
+                raise InvalidArgument(
+                    f"{prefix}num_attention_heads ({config.num_attention_heads}) must be a multiple of "
+                    f"{prefix}num_key_value_heads ({config.num_key_value_heads})",
+                    field=f"{prefix}num_key_value_heads",
+                )
+        if self.use_sliding_window and self.sliding_window is None:
+            raise InvalidArgument("sliding_window is required when use_sliding_window is true", field="sliding_window")
         deepest = max(
             self.num_hidden_layers,
             self.num_lyric_encoder_hidden_layers,
@@ -163,16 +154,18 @@ class DiTConfig:
                 f"from layer_types[i]), got {len(self.layer_types)}",
                 field="layer_types",
             )
-        encoder = self.encoder_view()
-        if encoder.num_attention_heads % encoder.num_key_value_heads:
+
+    def _check_io_widths(self) -> None:
+        if self.in_channels != 3 * self.audio_acoustic_hidden_dim:
             raise InvalidArgument(
-                "encoder_num_attention_heads must be a multiple of encoder_num_key_value_heads",
-                field="encoder_num_key_value_heads",
+                f"in_channels must be 3 * audio_acoustic_hidden_dim = {3 * self.audio_acoustic_hidden_dim} "
+                f"(source latents, chunk mask, noisy latents), got {self.in_channels}",
+                field="in_channels",
             )
-        if self.fsq_dim != encoder.hidden_size:
+        encoder_width = self.encoder_view().hidden_size
+        if self.fsq_dim != encoder_width:
             raise InvalidArgument(
-                f"fsq_dim must equal the encoder hidden size {encoder.hidden_size}, got {self.fsq_dim}",
-                field="fsq_dim",
+                f"fsq_dim must equal the encoder hidden size {encoder_width}, got {self.fsq_dim}", field="fsq_dim"
             )
 
     @property

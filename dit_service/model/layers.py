@@ -43,9 +43,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype) -> Rope:
-    """Default RoPE for positions ``0..seq_len-1``: angles in float32, ``cat(angles, angles)``."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
-    inv_freq = 1.0 / (theta**exponents)  # [head_dim / 2]
+    """Default RoPE for positions ``0..seq_len-1``: angles in float32, ``cat(angles, angles)``.
+
+    The inverse frequencies are computed on the CPU and then moved, as the reference's buffer is.
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = (1.0 / (theta**exponents)).to(device)  # [head_dim / 2]
     positions = torch.arange(seq_len, device=device).float()
     angles = positions[:, None] * inv_freq[None, :]  # [L, head_dim / 2]
     emb = torch.cat([angles, angles], dim=-1)  # [L, head_dim]

@@ -54,7 +54,9 @@ def expected_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in build_meta_model(config).state_dict().items()}
 
 
-def load_dit(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedDiT:
+def load_dit(
+    checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> LoadedDiT:
     """Read ``config.json``, build the tree and load the weights strictly.
 
     Missing or unexpected keys and shape mismatches raise ``InvalidArgument`` naming them.
@@ -88,9 +90,10 @@ def check_state_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tu
         for name, shape in expected.items()
         if name in found and tuple(found[name]) != shape
     ]
+    groups = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
     problems = [
         f"{label} ({len(items)}): {', '.join(items[:_MAX_LISTED])}{' ...' if len(items) > _MAX_LISTED else ''}"
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        for label, items in groups
         if items
     ]
     if problems:
@@ -150,8 +153,9 @@ def _read_tensors(files: dict[str, Path], dtype: torch.dtype, device: torch.devi
         with safe_open(path, framework="pt") as handle:
             for name in (n for n, owner in files.items() if owner == path):
                 tensor = handle.get_tensor(name)
-                target = torch.float32 if name.startswith(QUANTIZER_PREFIX) else dtype
-                state[name] = tensor.to(device=device, dtype=target) if tensor.is_floating_point() else tensor.to(device)
+                if tensor.is_floating_point():
+                    tensor = tensor.to(torch.float32 if name.startswith(QUANTIZER_PREFIX) else dtype)
+                state[name] = tensor.to(device)
     return state
 
 

@@ -1,0 +1,87 @@
+"""The audio-code constraint (reference-lm.md section 4.3.11) and the masking primitives.
+
+In the codes state only valid audio codes (``<|audio_code_0|>`` .. ``<|audio_code_63999|>``) and EOS
+may be sampled. With a target, EOS is blocked until ``target_codes`` tokens have been generated in
+this state; from then on only EOS is allowed, so the sequence holds exactly ``target_codes`` codes.
+Without a target EOS is allowed at any time and the model decides the length.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lm_service.constraints.vocab import ConstraintVocab
+
+LOG = logging.getLogger("lm_service.constraints")
+NEG_INF = float("-inf")
+
+
+def keep_only(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Set every entry of ``logits`` ([V]) to -inf except ``ids`` ([K] int64, same device)."""
+    kept = logits.index_select(0, ids)  # [K]
+    logits.fill_(NEG_INF)
+    return logits.index_copy_(0, ids, kept)
+
+
+def block_padding(logits: torch.Tensor, num_tokens: int) -> None:
+    """Disallow the ids of a padded logits width ([V], V >= num_tokens)."""
+    if logits.shape[0] > num_tokens:
+        logits[num_tokens:] = NEG_INF
+
+
+def log_allowed(vocab: ConstraintVocab, where: str, logits: torch.Tensor) -> None:
+    """Debug log of the ids left finite in ``logits`` ([V])."""
+    allowed = torch.isfinite(logits).nonzero().flatten().tolist()
+    LOG.debug("%s: %d allowed: %s", where, len(allowed), vocab.describe(allowed))
+
+
+class CodesConstraint:
+    """Audio codes then EOS; exactly ``target_codes`` codes when a target is given."""
+
+    def __init__(self, vocab: ConstraintVocab, target_codes: int | None, debug: bool = False) -> None:
+        self._vocab = vocab
+        self._target_codes = target_codes
+        self._debug = debug
+        self._num_generated = 0
+        self._finished = False
+        if debug:
+            LOG.debug("codes state entered: target_codes=%s", target_codes)
+
+    @property
+    def is_finished(self) -> bool:
+        return self._finished
+
+    @property
+    def num_generated(self) -> int:
+        """Tokens generated in the codes state so far (EOS not counted)."""
+        return self._num_generated
+
+    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mask ``logits`` ([V]) in place to the codes allowed at this step."""
+        vocab = self._vocab
+        target = self._target_codes
+        if self._finished or (target is not None and self._num_generated >= target):
+            keep_only(logits, vocab.on(vocab.eos, logits.device))
+        else:
+            eos_logit = logits[vocab.eos_id].clone()
+            logits[: vocab.code_start_id] = NEG_INF
+            logits[vocab.code_end_id:] = NEG_INF
+            if target is None:
+                logits[vocab.eos_id] = eos_logit
+        if self._debug:
+            LOG.debug("codes %d/%s: EOS %s", self._num_generated, target,
+                      "forced" if torch.isfinite(logits).sum() == 1 else "allowed" if target is None else "blocked")
+        return logits
+
+    def advance(self, token_id: int) -> None:
+        """Count a generated code; a stop token finishes the sequence."""
+        if self._finished:
+            return
+        if token_id in self._vocab.stop_ids:
+            self._finished = True
+            if self._debug:
+                LOG.debug("codes finished after %d codes", self._num_generated)
+            return
+        self._num_generated += 1

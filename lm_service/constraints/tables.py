@@ -1,0 +1,201 @@
+"""Token tables built once per tokenizer: value prefix trees, fixed-string steps, spellings, genres.
+
+Every table maps a decoding position to a precomputed id tensor, so a decoding step is a dict
+lookup plus one vectorised mask. Each builder reproduces how the reference processor derives its
+table from the tokenizer (reference-lm.md sections 4.3.2, 4.3.3, 4.3.5-4.3.7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+
+Encode = Callable[[str], list[int]]
+
+# The reference's fallback for fixed strings tries prefixes of at most this many characters.
+_FALLBACK_MAX_PREFIX_CHARS = 19
+
+
+def id_tensor(ids: Iterable[int]) -> torch.Tensor:
+    """Sorted, de-duplicated int64 id tensor ([K])."""
+    return torch.tensor(sorted(set(ids)), dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class TrieNode:
+    """One prefix of a value's token sequence.
+
+    ``allowed``: the next tokens of the values that continue this prefix, plus the newline when
+    the prefix is itself a complete value ([K] int64).
+    """
+
+    allowed: torch.Tensor
+    is_complete: bool
+
+
+class ValueTrie:
+    """Token-id prefix tree of every value a field may take, keyed by the value's token tuple.
+
+    Built like the reference: tokenize ``f"{name}: {value}"``, drop the tokens of ``f"{name}:"``
+    (values whose tokenization does not start with them are left out) and register every prefix.
+    The space before the value belongs to the value's first token.
+    """
+
+    def __init__(self, nodes: Mapping[tuple[int, ...], TrieNode], values: Sequence[str]) -> None:
+        self._nodes = dict(nodes)
+        self.values = tuple(values)
+
+    @classmethod
+    def build(
+        cls,
+        encode: Encode,
+        name: str,
+        values: Sequence[str],
+        newline_id: int,
+        first_token_ok: Callable[[int], bool] | None = None,
+    ) -> "ValueTrie":
+        """Tree over ``values``; ``first_token_ok`` can reject a value by its first token."""
+        context = encode(f"{name}:")
+        children: dict[tuple[int, ...], set[int]] = {}
+        complete: set[tuple[int, ...]] = set()
+        kept = []
+        for value in values:
+            full = encode(f"{name}: {value}")
+            value_ids = full[len(context):]
+            if full[: len(context)] != context or not value_ids:
+                continue
+            if first_token_ok is not None and not first_token_ok(value_ids[0]):
+                continue
+            kept.append(value)
+            for i in range(len(value_ids)):
+                children.setdefault(tuple(value_ids[:i]), set()).add(value_ids[i])
+            complete.add(tuple(value_ids))
+        nodes = {}
+        for prefix in set(children) | complete:
+            allowed = set(children.get(prefix, ()))
+            if prefix in complete:
+                allowed.add(newline_id)
+            nodes[prefix] = TrieNode(allowed=id_tensor(allowed), is_complete=prefix in complete)
+        return cls(nodes, kept)
+
+    def node(self, prefix: tuple[int, ...]) -> TrieNode | None:
+        """The node of a token prefix, or None when no value starts with it."""
+        return self._nodes.get(prefix)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+
+class FixedStringTable:
+    """The tokens the reference forces while writing a fixed string such as ``"keyscale:"``.
+
+    At each character position: the single token of the longest remaining prefix that encodes to
+    exactly one token; if no prefix does, the first tokens of the prefixes (up to 19 characters)
+    whose text is compatible with it, longest first. The position then moves on by the length of
+    the generated token's text.
+    """
+
+    def __init__(self, text: str, steps: Mapping[int, torch.Tensor]) -> None:
+        self.text = text
+        self._steps = dict(steps)
+
+    @classmethod
+    def build(cls, text: str, encode: Encode, token_texts: Sequence[str]) -> "FixedStringTable":
+        steps = {pos: id_tensor(_fixed_string_step(text[pos:], encode, token_texts)) for pos in range(len(text))}
+        return cls(text, steps)
+
+    def allowed(self, position: int) -> torch.Tensor | None:
+        """Ids allowed at character ``position`` ([K] int64); None once the string is complete."""
+        return self._steps.get(position)
+
+
+def _fixed_string_step(remaining: str, encode: Encode, token_texts: Sequence[str]) -> list[int]:
+    for end in range(len(remaining), 0, -1):
+        ids = encode(remaining[:end])
+        if len(ids) == 1:
+            return ids
+    best_end: dict[int, int] = {}
+    for end in range(1, min(len(remaining), _FALLBACK_MAX_PREFIX_CHARS) + 1):
+        prefix = remaining[:end]
+        ids = encode(prefix)
+        if not ids:
+            continue
+        want, got = prefix.lstrip().lower(), token_texts[ids[0]].lstrip().lower()
+        if got.startswith(want) or want.startswith(got):
+            best_end[ids[0]] = max(end, best_end.get(ids[0], 0))
+    return [token for token, _ in sorted(best_end.items(), key=lambda item: -item[1])]
+
+
+class SpellingTable:
+    """Every way to write ``text`` token by token: at position i, the tokens whose text is text[i:j]."""
+
+    def __init__(self, text: str, steps: Mapping[int, torch.Tensor]) -> None:
+        self.text = text
+        self._steps = dict(steps)
+
+    @classmethod
+    def build(cls, text: str, ids_by_text: Mapping[str, Sequence[int]]) -> "SpellingTable":
+        steps = {}
+        for start in range(len(text)):
+            ids = [i for end in range(start + 1, len(text) + 1) for i in ids_by_text.get(text[start:end], ())]
+            steps[start] = id_tensor(ids)
+        return cls(text, steps)
+
+    def allowed(self, position: int) -> torch.Tensor | None:
+        """Ids that continue the spelling at ``position`` ([K] int64); None past the end."""
+        return self._steps.get(position)
+
+
+class GenresTable:
+    """Character trie over the genre vocabulary, resolved to token ids for every trie prefix.
+
+    A token may follow the text written so far when the lower-cased concatenation is still a prefix
+    of a vocabulary line; the newline is allowed when the text is a complete line; a prefix with no
+    continuation allows only the newline. Tokens containing a line break are never allowed.
+    """
+
+    def __init__(self, genres: Sequence[str], steps: Mapping[str, torch.Tensor], newline: torch.Tensor) -> None:
+        self.genres = tuple(genres)
+        self._steps = dict(steps)
+        self._newline = newline
+
+    @classmethod
+    def build(
+        cls, genres: Sequence[str], ids_by_lower_text: Mapping[str, Sequence[int]], newline_id: int
+    ) -> "GenresTable":
+        complete = set(genres)
+        steps: dict[str, torch.Tensor] = {}
+        for genre in complete:
+            for start in range(len(genre) + 1):
+                prefix = genre[:start]
+                if prefix in steps:
+                    continue
+                steps[prefix] = id_tensor(_genre_step(prefix, complete, ids_by_lower_text, newline_id))
+        return cls(sorted(complete), steps, id_tensor([newline_id]))
+
+    def allowed(self, written: str) -> torch.Tensor:
+        """Ids allowed after the genre text ``written`` so far ([K] int64)."""
+        return self._steps.get(written.lower(), self._newline)
+
+
+def _genre_step(
+    prefix: str, genres: set[str], ids_by_lower_text: Mapping[str, Sequence[int]], newline_id: int
+) -> list[int]:
+    pieces = {genre[len(prefix): end] for genre in genres if genre.startswith(prefix)
+              for end in range(len(prefix) + 1, len(genre) + 1)}
+    ids = [i for piece in pieces for i in ids_by_lower_text.get(piece, ())]
+    if prefix in genres or not ids:
+        ids.append(newline_id)
+    return ids
+
+
+def load_genres(lines: Iterable[str]) -> list[str]:
+    """Genre vocabulary lines: stripped, lower-cased, blanks and ``#`` comments dropped."""
+    genres = []
+    for line in lines:
+        text = line.strip()
+        if text and not text.startswith("#"):
+            genres.append(text.lower())
+    return genres

@@ -152,7 +152,10 @@ def run_case(
 ) -> CaseResult:
     """Run one manifest case with its runner and compare every expected output."""
     name = case["name"]
-    atol, rtol = float(case["tolerance"]["atol"]), float(case["tolerance"]["rtol"])
+    tolerance = case.get("tolerance") or {}
+    if "atol" not in tolerance or "rtol" not in tolerance:
+        return CaseResult(name, False, detail="manifest case has no tolerance.atol / tolerance.rtol")
+    atol, rtol = float(tolerance["atol"]), float(tolerance["rtol"])
     runner = runners.get(case.get("runner", ""))
     if runner is None:
         detail = f"no runner ({missing_reason})" if missing_reason else "no runner"

@@ -55,7 +55,10 @@ _FIXED_INSTRUCTIONS: Mapping[str, str] = MappingProxyType({
 })
 _TRACK_INSTRUCTIONS: Mapping[str, tuple[str, str]] = MappingProxyType({
     "extract": ("Extract the {track} track from the audio:", "Extract the track from the audio:"),
-    "lego": ("Generate the {track} track based on the audio context:", "Generate the track based on the audio context:"),
+    "lego": (
+        "Generate the {track} track based on the audio context:",
+        "Generate the track based on the audio context:",
+    ),
 })
 _COMPLETE_INSTRUCTION = "Complete the input track with {classes}:"
 _COMPLETE_DEFAULT_INSTRUCTION = "Complete the input track:"
@@ -114,10 +117,11 @@ def build_metas_dict(
     """
     key_scale = key_scale or ""
     time_signature = time_signature or ""
+    has_time_signature = bool(time_signature.strip()) and time_signature != NOT_AVAILABLE
     metas: dict[str, object] = {
         "bpm": bpm if bpm else NOT_AVAILABLE,
         "keyscale": key_scale if key_scale.strip() else NOT_AVAILABLE,
-        "timesignature": time_signature if time_signature.strip() and time_signature != NOT_AVAILABLE else NOT_AVAILABLE,
+        "timesignature": time_signature if has_time_signature else NOT_AVAILABLE,
     }
     if duration_s is not None:
         metas["duration"] = f"{int(duration_s)} seconds"

@@ -18,7 +18,7 @@ import grpc
 
 from gateway import planning
 from gateway.admission import Admission
-from gateway.errors import RETRYABLE, from_upstream
+from gateway.upstream_errors import RETRYABLE, from_upstream
 from gateway.upstream import ReplicaPool
 from shared import convert, metrics
 from shared.errors import AceStepError, InvalidArgument, NotReady

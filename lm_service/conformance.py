@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,12 @@ Check = tuple[str, Any, Any]  # (field, expected, got)
 Handler = Callable[[Entry, "_Context"], tuple[str, list[Check]]]
 
 
+@dataclass(frozen=True)
 class _Context:
     """What a handler needs besides its entry: the section's codes layout and the chat template."""
 
-    def __init__(self, layout: lm.CodesLayout, chat_template: str) -> None:
-        self.layout = layout
-        self.chat_template = chat_template
+    layout: lm.CodesLayout
+    chat_template: str
 
 
 def run_prompt_cases(vector_dir: Path) -> list[CaseResult]:
@@ -45,13 +46,16 @@ def run_prompt_cases(vector_dir: Path) -> list[CaseResult]:
         vectors = json.loads((vector_dir / PROMPTS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         return [CaseResult(f"prompt:{PROMPTS_FILE}", False, detail=f"cannot read: {error}")]
+    if not isinstance(vectors, dict):
+        return [CaseResult(f"prompt:{PROMPTS_FILE}", False, detail="top level is not an object of sections")]
     chat_template = lm.default_chat_template()
     results: list[CaseResult] = []
     for section, entries in vectors.items():
         if not isinstance(entries, list):
             continue  # notes and cross-revision remarks
         if not _is_known_section(section):
-            results.append(CaseResult(f"prompt:{section}", False, detail=f"unknown section, {len(entries)} entries not checked"))
+            detail = f"unknown section, {len(entries)} entries not checked"
+            results.append(CaseResult(f"prompt:{section}", False, detail=detail))
             continue
         context = _Context(_section_layout(section), chat_template)
         results.extend(_run_entry(section, index, entry, context) for index, entry in enumerate(entries))
@@ -68,6 +72,8 @@ def _section_layout(section: str) -> lm.CodesLayout:
 
 def _run_entry(section: str, index: int, entry: Entry, context: _Context) -> CaseResult:
     name = f"prompt:{section}:{index}"
+    if not isinstance(entry, Mapping):
+        return CaseResult(name, False, detail=f"entry is a {type(entry).__name__}, not an object")
     function = _method_name(str(entry.get("function", "")))
     handler = _HANDLERS.get(function)
     if handler is None:
@@ -132,10 +138,16 @@ def _dit_text_checks(entry: Entry, prompts: dit.DitPrompts) -> list[Check]:
     return checks
 
 
+def _conditioning_text(args: Mapping[str, Any], instruction: str) -> dit.ConditioningText:
+    return dit.ConditioningText(instruction, args["caption"], args["lyrics"], args["vocal_language"], args.get("metas"))
+
+
 def _check_task_prompt(entry: Entry, _: _Context) -> tuple[str, list[Check]]:
     args = entry["args"]
-    instruction = dit.task_instruction(args["task_type"], args.get("track_name"), args.get("complete_track_classes"))
-    text = dit.ConditioningText(instruction, args["caption"], args["lyrics"], args["vocal_language"], args.get("metas"))
+    instruction = dit.task_instruction(
+        args["task_type"], args.get("track_name"), args.get("complete_track_classes")
+    )
+    text = _conditioning_text(args, instruction)
     checks = [("instruction", entry["instruction"], instruction)] + _dit_text_checks(entry, dit.dit_prompts(text))
     parts = [args["task_type"], args.get("track_name"), *(args.get("complete_track_classes") or [])]
     return "dit_" + "_".join(part for part in parts if part), checks
@@ -143,7 +155,7 @@ def _check_task_prompt(entry: Entry, _: _Context) -> tuple[str, list[Check]]:
 
 def _check_text_conditioning(entry: Entry, _: _Context) -> tuple[str, list[Check]]:
     args = entry["args"]
-    text = dit.ConditioningText(args["instruction"], args["caption"], args["lyrics"], args["vocal_language"], args.get("metas"))
+    text = _conditioning_text(args, args["instruction"])
     prompts = dit.dit_prompts(text, float(args.get("audio_cover_strength", 1.0)))
     return "dit_cover_strength", _dit_text_checks(entry, prompts)
 
@@ -153,19 +165,20 @@ def _check_build_dit_inputs(entry: Entry, _: _Context) -> tuple[str, list[Check]
     caption_input, lyrics_input = dit.build_dit_inputs(
         args.get("instruction"), args["caption"], args["lyrics"], args.get("metas"), args["vocal_language"]
     )
-    checks = [("caption_input", entry["caption_input"], caption_input), ("lyrics_input", entry["lyrics_input"], lyrics_input)]
+    checks = [
+        ("caption_input", entry["caption_input"], caption_input),
+        ("lyrics_input", entry["lyrics_input"], lyrics_input),
+    ]
     return f"build_dit_inputs_{args.get('task', '')}".rstrip("_"), checks
 
 
 def _check_prepare_batch_data(entry: Entry, _: _Context) -> tuple[str, list[Check]]:
     args, expected = entry["args"], entry["output"]
     batch_size = int(args.get("actual_batch_size", len(expected["captions_batch"])))
-    metas = dit.build_metas_dict(
-        args.get("bpm"), args.get("key_scale"), args.get("time_signature"), dit.metas_duration_s(args.get("audio_duration"))
-    )
-    request = dit.ConditioningText(
-        args.get("instruction") or dit.DEFAULT_DIT_INSTRUCTION, args["captions"], args["lyrics"], args["vocal_language"], metas
-    )
+    duration_s = dit.metas_duration_s(args.get("audio_duration"))
+    metas = dit.build_metas_dict(args.get("bpm"), args.get("key_scale"), args.get("time_signature"), duration_s)
+    instruction = args.get("instruction") or dit.DEFAULT_DIT_INSTRUCTION
+    request = dit.ConditioningText(instruction, args["captions"], args["lyrics"], args["vocal_language"], metas)
     items = dit.prepare_batch_data(batch_size, request)
     got = {
         "captions_batch": [item.caption for item in items],
@@ -191,7 +204,8 @@ def _check_metas_string(entry: Entry, _: _Context) -> tuple[str, list[Check]]:
 
 def _check_lyrics(entry: Entry, _: _Context) -> tuple[str, list[Check]]:
     args = entry["args"]
-    return f"lyrics_{args['language']}", [("output", entry["output"], dit.lyrics_prompt(args["lyrics"], args["language"]))]
+    got = dit.lyrics_prompt(args["lyrics"], args["language"])
+    return f"lyrics_{args['language']}", [("output", entry["output"], got)]
 
 
 def _chat_checks(entry: Entry, prompt: lm.ChatPrompt, context: _Context) -> list[Check]:
@@ -213,7 +227,7 @@ def _check_cot_phase(entry: Entry, context: _Context) -> tuple[str, list[Check]]
         return "cot_phase", _chat_checks(entry, lm.cot_prompt(args["caption"], args.get("lyrics", "")), context)
     phase = args.get("generation_phase", "cot")
     if phase != "cot":
-        raise ValueError(f"unconditional prompt for generation_phase {phase!r} is not produced by this implementation")
+        raise ValueError(f"no unconditional prompt for generation_phase {phase!r} (unused reference branch)")
     kind = "cot_phase_uncond" + ("_negative" if lm.has_meaningful_negative_prompt(negative_prompt) else "")
     return kind, _chat_checks(entry, lm.cot_unconditional_prompt(args.get("lyrics", ""), negative_prompt), context)
 
@@ -263,7 +277,8 @@ def _check_format_sample(entry: Entry, context: _Context) -> tuple[str, list[Che
 
 def _check_metadata_cot(entry: Entry, _: _Context) -> tuple[str, list[Check]]:
     args = entry["args"]
-    return ("metadata_cot" if args else "metadata_cot_empty"), [("output", entry["output"], format_metadata_as_cot(args))]
+    kind = "metadata_cot" if args else "metadata_cot_empty"
+    return kind, [("output", entry["output"], format_metadata_as_cot(args))]
 
 
 def _check_parse_lm_output(entry: Entry, _: _Context) -> tuple[str, list[Check]]:

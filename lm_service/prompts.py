@@ -88,7 +88,9 @@ def default_chat_template() -> str:
     return resources.files(__package__).joinpath(CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
 
 
-def render(messages: Sequence[Message], add_generation_prompt: bool, chat_template: str, **template_kwargs: object) -> str:
+def render(
+    messages: Sequence[Message], add_generation_prompt: bool, chat_template: str, **template_kwargs: object
+) -> str:
     """Render ``messages`` with a jinja chat template exactly as ``apply_chat_template(tokenize=False)``.
 
     Same environment as transformers: sandboxed, ``trim_blocks``/``lstrip_blocks``, loop controls,

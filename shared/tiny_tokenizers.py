@@ -45,6 +45,7 @@ _TEXT_BPE_VOCAB_SIZE = 768
 _MODEL_MAX_LENGTH = 131072
 
 _CORPUS_TEXT = """\
+system user assistant
 # Instruction
 Generate audio semantic tokens based on the given conditions:
 Understand the given musical conditions and describe the audio semantics accordingly:

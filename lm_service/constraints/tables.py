@@ -166,29 +166,22 @@ class GenresTable:
         cls, genres: Sequence[str], ids_by_lower_text: Mapping[str, Sequence[int]], newline_id: int
     ) -> "GenresTable":
         complete = set(genres)
-        steps: dict[str, torch.Tensor] = {}
+        pieces: dict[str, set[str]] = {}
         for genre in complete:
             for start in range(len(genre) + 1):
-                prefix = genre[:start]
-                if prefix in steps:
-                    continue
-                steps[prefix] = id_tensor(_genre_step(prefix, complete, ids_by_lower_text, newline_id))
+                following = pieces.setdefault(genre[:start], set())
+                following.update(genre[start:end] for end in range(start + 1, len(genre) + 1))
+        steps = {}
+        for prefix, texts in pieces.items():
+            ids = [i for text in texts for i in ids_by_lower_text.get(text, ())]
+            if prefix in complete or not ids:
+                ids.append(newline_id)
+            steps[prefix] = id_tensor(ids)
         return cls(sorted(complete), steps, id_tensor([newline_id]))
 
     def allowed(self, written: str) -> torch.Tensor:
         """Ids allowed after the genre text ``written`` so far ([K] int64)."""
         return self._steps.get(written.lower(), self._newline)
-
-
-def _genre_step(
-    prefix: str, genres: set[str], ids_by_lower_text: Mapping[str, Sequence[int]], newline_id: int
-) -> list[int]:
-    pieces = {genre[len(prefix): end] for genre in genres if genre.startswith(prefix)
-              for end in range(len(prefix) + 1, len(genre) + 1)}
-    ids = [i for piece in pieces for i in ids_by_lower_text.get(piece, ())]
-    if prefix in genres or not ids:
-        ids.append(newline_id)
-    return ids
 
 
 def load_genres(lines: Iterable[str]) -> list[str]:

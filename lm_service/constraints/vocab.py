@@ -59,6 +59,23 @@ def find_code_id_range(token_texts: Sequence[str], num_codes: int = NUM_AUDIO_CO
     return first
 
 
+def _decode_each(tokenizer: Any, num_tokens: int) -> tuple[str, ...]:
+    """The text of every id on its own, as ``tokenizer.decode([id])`` gives it."""
+    single_ids = [[i] for i in range(num_tokens)]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return tuple(backend.decode_batch(single_ids, skip_special_tokens=False))
+    return tuple(tokenizer.batch_decode(single_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+
+
+def _num_model_tokens(tokenizer: Any) -> int:
+    """Ids below this belong to the BPE model; added tokens come after them."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.get_vocab_size(with_added_tokens=False)
+    return len(tokenizer) - len(tokenizer.get_added_vocab())
+
+
 class ConstraintVocab:
     """Token tables for one tokenizer (shared, read-only, by every constraint built from it).
 
@@ -71,11 +88,7 @@ class ConstraintVocab:
             raise out_of_range("max_duration_s", max_duration_s, int(DURATION_MIN_S), int(DURATION_MAX_S), "seconds")
         self.max_duration_s = int(max_duration_s)
         self.num_tokens = len(tokenizer)
-        self.token_texts: tuple[str, ...] = tuple(
-            tokenizer.batch_decode(
-                [[i] for i in range(self.num_tokens)], skip_special_tokens=False, clean_up_tokenization_spaces=False
-            )
-        )
+        self.token_texts = _decode_each(tokenizer, self.num_tokens)
         self._encode = lambda text: list(tokenizer.encode(text, add_special_tokens=False))
         self._init_special_ids(tokenizer)
         self.code_start_id = find_code_id_range(self.token_texts)
@@ -148,8 +161,8 @@ class ConstraintVocab:
         blocked = torch.zeros(self.num_tokens, dtype=torch.bool)  # [N]
         blocked[self.code_start_id:self.code_end_id] = True
         blocked[self.backtick_id] = True
-        added = [i for i in tokenizer.added_tokens_decoder if i < self.num_tokens]
-        blocked[torch.tensor(added + list(tokenizer.all_special_ids), dtype=torch.long)] = True
+        blocked[_num_model_tokens(tokenizer):] = True  # added tokens: chat/think tags, codes, specials
+        blocked[torch.tensor(list(tokenizer.all_special_ids), dtype=torch.long)] = True
         starts_indented = torch.tensor(
             [bool(text) and text[0] in " \t" for text in self.token_texts], dtype=torch.bool
         )  # [N]

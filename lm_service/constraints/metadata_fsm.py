@@ -1,0 +1,280 @@
+"""The CoT metadata state machine of the 5 Hz LM (reference-lm.md section 4).
+
+Reproduces the reference ``MetadataConstrainedLogitsProcessor`` for one sequence:
+``<think>``, ``\\n``, then for every field not skipped its name (``bpm:``, ``caption:``, ...) and value,
+then ``</think>``; after it the codes state, the free lyrics of the understand phase, or (with
+``stop_at_reasoning``) EOS in place of ``</think>``. Fixed strings follow the reference's greedy
+single-token segmentation; numeric, keyscale, language and time-signature values follow
+token-id prefix trees; the language's first token is the top-scoring candidate (never sampled);
+genres follow a character trie; user values are forced token by token; the caption is free text
+whose end is detected from the top-scoring token after a line break.
+
+Deliberate tightenings of the reference, which only matter when a sampled token disagrees with what
+a trained model writes (the reference lets such tokens corrupt the block):
+
+* the caption never contains control tokens (EOS, pad, chat and think tags, any added token),
+  besides the backtick and audio codes the reference already blocks;
+* once the caption end is detected the next line is written as the successor field's name
+  (``duration:``, in any tokenization), where the reference leaves those tokens unconstrained;
+  when the caption continues, the next token must start with a space or tab (YAML continuation);
+* a line break is a token that ends with ``\\n`` (for the Qwen tokenizer the same as containing one);
+* after the 512-token limit's forced newline the caption ends instead of looping on newlines;
+* a genre value is matched character-exactly (the reference strips trailing spaces of the
+  written text, which lets whitespace-only tokens repeat), and never contains a line break.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from enum import Enum
+
+import torch
+
+from lm_service.constraints.codes import LOG, NEG_INF, CodesConstraint, block_padding, keep_only, log_allowed
+from lm_service.constraints.spec import FIELD_ORDER, ConstraintSpec
+from lm_service.constraints.vocab import THINK_END_TAG, THINK_TAG, ConstraintVocab
+from shared.constants import CODES_PER_SECOND
+
+CAPTION_TOKEN_LIMIT = 512
+# Fields whose complete value may only be followed by the newline (bpm and duration may go on).
+_CLOSED_FIELDS = frozenset({"keyscale", "language", "timesignature"})
+_STATE_PREFIX = {"bpm": "BPM", "caption": "CAPTION", "duration": "DURATION", "genres": "GENRES",
+                 "keyscale": "KEYSCALE", "language": "LANGUAGE", "timesignature": "TIMESIG"}
+
+
+class Stage(Enum):
+    THINK_TAG = "THINK_TAG"
+    NEWLINE_AFTER_THINK = "NEWLINE_AFTER_THINK"
+    FIELD_NAME = "NAME"
+    FIELD_VALUE = "VALUE"
+    THINK_END_TAG = "THINK_END_TAG"
+    CODES = "CODES_GENERATION"
+    COMPLETED = "COMPLETED"
+
+
+class CaptionMode(Enum):
+    TEXT = "text"              # inside a caption line
+    LINE_START = "line_start"  # after a line break, end not decided yet
+    INDENT = "indent"          # decided: a continuation line follows
+    ENDING = "ending"          # decided: the successor field's name follows
+
+
+def keep_one(logits: torch.Tensor, token_id: int) -> torch.Tensor:
+    """Set every entry of ``logits`` ([V]) to -inf except ``token_id``."""
+    kept = logits[token_id].clone()
+    logits.fill_(NEG_INF)
+    logits[token_id] = kept
+    return logits
+
+
+class MetadataConstraint:
+    """Per-sequence CoT state machine; see the module docstring for the rules."""
+
+    def __init__(self, vocab: ConstraintVocab, spec: ConstraintSpec) -> None:
+        self._vocab = vocab
+        self._spec = spec
+        self._debug = spec.debug
+        self._fields = tuple(name for name in FIELD_ORDER if not spec.is_skipped(name))
+        self._stage = Stage.THINK_TAG
+        self._field: str | None = None
+        self._position = 0                  # characters of the current fixed string or spelling written
+        self._value_ids: list[int] = []     # tokens of the current value
+        self._value_text = ""               # text of the current value
+        self._injection: deque[int] = deque()
+        self._caption_mode = CaptionMode.TEXT
+        self._caption_tokens = 0
+        self._codes: CodesConstraint | None = None
+        self._finished = False
+
+    @property
+    def is_finished(self) -> bool:
+        return self._finished or (self._codes is not None and self._codes.is_finished)
+
+    @property
+    def state_name(self) -> str:
+        """The reference's name of the current state (e.g. ``KEYSCALE_VALUE``)."""
+        if self._stage in (Stage.FIELD_NAME, Stage.FIELD_VALUE):
+            return f"{_STATE_PREFIX[self._field]}_{self._stage.value}"
+        return self._stage.value
+
+    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mask ``logits`` ([V] float32, CFG-combined) in place to what this step allows."""
+        if self._codes is not None:
+            return self._codes.mask_logits(logits)
+        block_padding(logits, self._vocab.num_tokens)
+        if self._finished:
+            keep_one(logits, self._vocab.eos_id)
+        elif self._injection:
+            keep_one(logits, self._injection[0])
+        elif self._stage is Stage.FIELD_VALUE:
+            self._mask_value(logits)
+        elif self._stage is Stage.COMPLETED:
+            logits[self._vocab.code_start_id:self._vocab.code_end_id] = NEG_INF
+        else:
+            self._mask_fixed(logits)
+        if self._debug:
+            log_allowed(self._vocab, self.state_name, logits)
+        return logits
+
+    def advance(self, token_id: int) -> None:
+        """Move the state machine past ``token_id``, the token sampled from the last mask."""
+        if self._finished:
+            return
+        if self._codes is not None:
+            self._codes.advance(token_id)
+            return
+        if token_id in self._vocab.stop_ids:
+            self._finished = True
+            if self._debug:
+                LOG.debug("stop token %d in %s: finished", token_id, self.state_name)
+            return
+        if self._injection:
+            self._injection.popleft()
+            if not self._injection:
+                self._enter_next_field(after=self._field)
+            return
+        text = self._vocab.token_texts[token_id] if 0 <= token_id < self._vocab.num_tokens else ""
+        if self._stage is Stage.FIELD_VALUE:
+            self._advance_value(token_id, text)
+        elif self._stage is not Stage.COMPLETED:
+            self._position += len(text)
+            if self._position >= len(self._fixed_text()):
+                self._finish_fixed()
+
+    def _fixed_text(self) -> str:
+        if self._stage is Stage.THINK_TAG:
+            return THINK_TAG
+        if self._stage is Stage.NEWLINE_AFTER_THINK:
+            return "\n"
+        if self._stage is Stage.THINK_END_TAG:
+            return THINK_END_TAG
+        return f"{self._field}:"
+
+    def _mask_fixed(self, logits: torch.Tensor) -> None:
+        if self._stage is Stage.THINK_END_TAG and self._spec.stop_at_reasoning:
+            keep_one(logits, self._vocab.eos_id)  # phase 1 ends where `</think>` would start
+            return
+        allowed = self._vocab.fixed[self._fixed_text()].allowed(self._position)
+        keep_only(logits, self._vocab.on(allowed, logits.device))
+
+    def _mask_value(self, logits: torch.Tensor) -> None:
+        vocab, name = self._vocab, self._field
+        if name == "caption":
+            self._mask_caption(logits)
+        elif name == "genres":
+            keep_only(logits, vocab.on(vocab.genres.allowed(self._value_text), logits.device))
+        elif name == "duration" and self._spec.target_codes is not None:
+            self._mask_target_duration(logits)
+        elif name == "language" and not self._value_ids:
+            self._mask_language_choice(logits)
+        else:
+            node = getattr(vocab, name).node(tuple(self._value_ids))
+            if node is None or (node.is_complete and name in _CLOSED_FIELDS) or node.allowed.numel() == 0:
+                keep_one(logits, vocab.newline_id)
+            else:
+                keep_only(logits, vocab.on(node.allowed, logits.device))
+
+    def _mask_target_duration(self, logits: torch.Tensor) -> None:
+        """Reference quirk: with a target, the duration digits are forced (without leading space)."""
+        digits = str(self._spec.target_codes // CODES_PER_SECOND)
+        written = sum(ch.isdigit() for ch in self._value_text)
+        if written < len(digits):
+            keep_one(logits, self._vocab.digit_ids[int(digits[written])])
+        else:
+            keep_one(logits, self._vocab.newline_id)
+
+    def _mask_language_choice(self, logits: torch.Tensor) -> None:
+        """The language's first token is the top-scoring candidate; the rest follows the tree."""
+        root = self._vocab.language.node(())
+        if root is None:
+            keep_one(logits, self._vocab.newline_id)
+            return
+        candidates = self._vocab.on(root.allowed, logits.device)  # [K]
+        best = candidates[torch.argmax(logits.index_select(0, candidates))].reshape(1)  # [1]
+        if self._debug:
+            LOG.debug("language: top-1 first token %s of %d candidates",
+                      self._vocab.describe([int(best.item())]), candidates.numel())
+        keep_only(logits, best)
+
+    def _mask_caption(self, logits: torch.Tensor) -> None:
+        vocab = self._vocab
+        if self._caption_mode is CaptionMode.LINE_START:
+            self._decide_caption_line(logits)
+        if self._caption_mode is CaptionMode.ENDING:
+            spelling = vocab.spellings[self._caption_successor()]
+            keep_only(logits, vocab.on(spelling.allowed(self._position), logits.device))
+        elif self._caption_tokens >= CAPTION_TOKEN_LIMIT:
+            keep_one(logits, vocab.newline_id)
+        else:
+            blocked = vocab.caption_indent_blocked if self._caption_mode is CaptionMode.INDENT else vocab.caption_blocked
+            logits[: vocab.num_tokens].masked_fill_(vocab.on(blocked, logits.device), NEG_INF)
+
+    def _decide_caption_line(self, logits: torch.Tensor) -> None:
+        """After a line break: the top-scoring token decides whether the caption goes on."""
+        top = int(torch.argmax(logits[: self._vocab.num_tokens]).item())
+        at_limit = self._caption_tokens >= CAPTION_TOKEN_LIMIT
+        ends = at_limit or self._vocab.ends_caption[top]
+        self._caption_mode = CaptionMode.ENDING if ends else CaptionMode.INDENT
+        self._position = 0
+        if self._debug:
+            LOG.debug("caption line start: top token %s, %s", self._vocab.describe([top]),
+                      "limit reached, caption ends" if at_limit else "caption ends" if ends else "caption continues")
+
+    def _caption_successor(self) -> str:
+        index = self._fields.index("caption")
+        return self._fields[index + 1]  # duration is never skipped
+
+    def _advance_value(self, token_id: int, text: str) -> None:
+        if self._field == "caption":
+            self._advance_caption(text)
+        elif token_id == self._vocab.newline_id:
+            self._enter_next_field(after=self._field)
+        else:
+            self._value_ids.append(token_id)
+            self._value_text += text
+
+    def _advance_caption(self, text: str) -> None:
+        self._caption_tokens += 1
+        if self._caption_mode is CaptionMode.ENDING:
+            self._position += len(text)
+            successor = self._caption_successor()
+            if self._position >= len(successor) + 1:
+                self._enter(Stage.FIELD_VALUE, successor)
+            return
+        self._value_text += text
+        self._caption_mode = CaptionMode.LINE_START if text.endswith("\n") else CaptionMode.TEXT
+
+    def _finish_fixed(self) -> None:
+        if self._stage is Stage.THINK_TAG:
+            self._enter(Stage.NEWLINE_AFTER_THINK)
+        elif self._stage is Stage.NEWLINE_AFTER_THINK:
+            self._enter(Stage.FIELD_NAME, self._fields[0])
+        elif self._stage is Stage.FIELD_NAME:
+            self._enter(Stage.FIELD_VALUE, self._field)
+        elif self._spec.phase == "understand" or self._spec.stop_at_reasoning:
+            self._enter(Stage.COMPLETED)
+        else:
+            self._enter(Stage.CODES)
+            self._codes = CodesConstraint(self._vocab, self._spec.target_codes, self._debug)
+
+    def _enter_next_field(self, after: str) -> None:
+        index = self._fields.index(after)
+        if index + 1 < len(self._fields):
+            self._enter(Stage.FIELD_NAME, self._fields[index + 1])
+        else:
+            self._enter(Stage.THINK_END_TAG)
+
+    def _enter(self, stage: Stage, field: str | None = None) -> None:
+        old = self.state_name
+        self._stage, self._field = stage, field
+        self._position = 0
+        self._value_ids, self._value_text = [], ""
+        self._caption_mode, self._caption_tokens = CaptionMode.TEXT, 0
+        if stage is Stage.FIELD_VALUE:
+            value = self._spec.user_value(field)
+            if value is not None:
+                self._injection = deque(self._vocab.encode(f" {value}\n"))
+        if self._debug:
+            LOG.debug("FSM transition: %s -> %s%s", old, self.state_name,
+                      f" (injecting {self._vocab.describe(list(self._injection), 64)})" if self._injection else "")

@@ -1,0 +1,154 @@
+"""vLLM v1 batch-level logits processor: guidance, constraints and sampling for tagged sequences.
+
+Passed to vLLM as ``logits_processors=[GuidanceLogitsProcessor]``; it runs in the worker process.
+vLLM samples every tagged sequence greedily (``temperature=0`` in its own ``SamplingParams``), and
+this processor decides the token: for each request in the batch it reads the raw logits of its
+row(s), runs ``GuidedDecoder`` (CFG in float32, constraint, repetition penalty, temperature,
+top-k, top-p, seeded sampling) and forces the row(s) to that token (every other logit ``-inf``).
+A guided pair's two rows are forced to the same token.
+
+Rows are found through ``BatchUpdate``: each added row brings its ``SamplingParams`` (whose
+``extra_args`` say request key and role), its prompt ids and a live reference to its output ids.
+Before combining a pair the processor checks that both rows are present with identical generated
+tokens; a pair that is not (which the scheduler prevents and reports as an error for the request)
+is sampled per row without guidance instead of mixing two contexts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+from vllm.sampling_params import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from lm_service.engine.constraint_hook import build_constraint
+from lm_service.engine.decoding import GuidedDecoder
+from lm_service.engine.pairing import describe_misalignment
+from lm_service.engine.sampling import force_token
+from lm_service.engine.wire import RowArgs, RowRole, read_row_args
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Row:
+    args: RowArgs
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # live reference into the worker's request state
+
+
+class GuidanceLogitsProcessor(LogitsProcessor):
+    """Samples the next token of every sequence this engine tagged (see the module docstring)."""
+
+    def __init__(self, vllm_config: "VllmConfig", device: torch.device, is_pin_memory: bool) -> None:
+        self._tokenizer_dir = str(vllm_config.model_config.tokenizer)
+        self._rows: dict[int, _Row] = {}
+        self._decoders: dict[str, GuidedDecoder] = {}
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        """Reject malformed ``extra_args`` at submission, in the frontend process."""
+        try:
+            read_row_args(sampling_params.extra_args)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed LM engine extra_args: {exc}") from exc
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return
+        for index in batch_update.removed:
+            self._rows.pop(index, None)
+        for index, params, prompt_ids, output_ids in batch_update.added:
+            args = read_row_args(params.extra_args) if params is not None else None
+            if args is None:
+                self._rows.pop(index, None)
+            else:
+                self._rows[index] = _Row(args, list(prompt_ids or ()), output_ids)
+        for first, second, direction in batch_update.moved:
+            row_first, row_second = self._rows.pop(first, None), self._rows.pop(second, None)
+            if row_first is not None:
+                self._rows[second] = row_first
+            if direction == MoveDirectionality.SWAP and row_second is not None:
+                self._rows[first] = row_second
+        live_keys = {row.args.key for row in self._rows.values()}
+        for key in [key for key in self._decoders if key not in live_keys]:
+            del self._decoders[key]
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Force every tagged row of ``logits`` ``[B, V]`` to its request's next token."""
+        if not self._rows:
+            return logits
+        for key, (cond_index, uncond_index) in self._group_rows().items():
+            self._decide(key, logits, cond_index, uncond_index)
+        return logits
+
+    def _group_rows(self) -> dict[str, tuple[int | None, int | None]]:
+        """request key -> (row of the conditional or single sequence, row of the twin)."""
+        groups: dict[str, tuple[int | None, int | None]] = {}
+        for index, row in self._rows.items():
+            cond_index, uncond_index = groups.get(row.args.key, (None, None))
+            if row.args.role is RowRole.UNCOND:
+                uncond_index = index
+            else:
+                cond_index = index
+            groups[row.args.key] = (cond_index, uncond_index)
+        return groups
+
+    def _decide(self, key: str, logits: torch.Tensor, cond_index: int | None, uncond_index: int | None) -> None:
+        if cond_index is None:  # a twin without its conditional row: a broken pair
+            self._decide_unguided(key, logits, [uncond_index], "the conditional row is not in this step")
+            return
+        cond_row = self._rows[cond_index]
+        decoder = self._decoder(key, cond_row)
+        if not decoder.uses_guidance:
+            token = decoder.next_token(logits[cond_index], None, cond_row.output_token_ids)
+            force_token(logits[cond_index], token)
+            return
+        problem = self._pair_problem(cond_index, uncond_index)
+        if problem:
+            self._decide_unguided(key, logits, [i for i in (cond_index, uncond_index) if i is not None], problem)
+            return
+        token = decoder.next_token(logits[cond_index], logits[uncond_index], cond_row.output_token_ids)
+        force_token(logits[cond_index], token)
+        force_token(logits[uncond_index], token)
+
+    def _decide_unguided(self, key: str, logits: torch.Tensor, rows: list[int], problem: str) -> None:
+        logger.error("guided request %s: %s; sampling its rows without guidance", key, problem)
+        for index in rows:
+            row = self._rows[index]
+            decoder = GuidedDecoder(replace(row.args.settings, cfg_scale=1.0), [], None)
+            force_token(logits[index], decoder.next_token(logits[index], None, row.output_token_ids))
+
+    def _pair_problem(self, cond_index: int | None, uncond_index: int | None) -> str:
+        if cond_index is None or uncond_index is None:
+            missing = "unconditional" if uncond_index is None else "conditional"
+            return f"the {missing} row is not in this step"
+        return describe_misalignment(self._rows[cond_index].output_token_ids, self._rows[uncond_index].output_token_ids)
+
+    def _decoder(self, key: str, row: _Row) -> GuidedDecoder:
+        decoder = self._decoders.get(key)
+        if decoder is None:
+            decoder = GuidedDecoder(row.args.settings, row.prompt_token_ids, self._constraint_factory(row))
+            self._decoders[key] = decoder
+        return decoder
+
+    def _constraint_factory(self, row: _Row):
+        ref = row.args.constraint
+        if ref is None:
+            return None
+        if row.args.role is RowRole.UNCOND:
+            # The conditional prompt is what a constraint reads; the twin never builds one alone.
+            return None
+        prompt: Sequence[int] = row.prompt_token_ids
+        return lambda: build_constraint(ref, prompt, self._tokenizer_dir)
+

@@ -1,0 +1,274 @@
+"""Tiny random-weight checkpoints in the published ACE-Step 1.5 folder layout.
+
+``acestep-make-tiny-checkpoints DIR [--seed N]`` writes, deterministically from the seed::
+
+    DIR/acestep-5Hz-lm-0.6B/     Qwen3ForCausalLM (hidden 128, 2 layers, head_dim 64) + LM tokenizer
+    DIR/Qwen3-Embedding-0.6B/    Qwen3Model (hidden 32, 2 layers) + text-encoder tokenizer
+    DIR/vae/                     AutoencoderOobleck, tiny widths, real 48 kHz / 1920-hop geometry
+    DIR/acestep-v15-turbo/       DiT, when ``dit_service.model.weights.write_random_dit`` exists
+    DIR/acestep-v15-base/        idem
+
+The same seed gives byte-identical weight files. The widths are tiny so that every service and test
+runs on a CPU in seconds; the structure (config classes, key names, tokenizer ids layout, VAE hop)
+is the published one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+from shared.tiny_tokenizers import (
+    EOS_TOKEN,
+    PAD_TOKEN,
+    build_lm_tokenizer,
+    build_text_encoder_tokenizer,
+)
+
+__all__ = [
+    "LM_DIR",
+    "TEXT_ENCODER_DIR",
+    "VAE_DIR",
+    "TURBO_DIR",
+    "BASE_DIR",
+    "WriterStep",
+    "WRITER_STEPS",
+    "build_lm_tokenizer",
+    "build_text_encoder_tokenizer",
+    "write_lm",
+    "write_text_encoder",
+    "write_vae",
+    "write_dit",
+    "tiny_dit_config",
+    "write_all",
+    "main",
+]
+
+LM_DIR = "acestep-5Hz-lm-0.6B"
+TEXT_ENCODER_DIR = "Qwen3-Embedding-0.6B"
+VAE_DIR = "vae"
+TURBO_DIR = "acestep-v15-turbo"
+BASE_DIR = "acestep-v15-base"
+
+TEXT_HIDDEN_DIM = 32            # must equal the tiny DiT's text_hidden_dim
+_VOCAB_MULTIPLE = 64
+_ROPE = {"rope_type": "default", "rope_theta": 1_000_000.0}
+
+# Tiny VAE: narrow channels, but the published 48 kHz geometry (hop 2*4*4*6*10 = 1920 samples).
+TINY_VAE_CONFIG: dict[str, Any] = {
+    "encoder_hidden_size": 8,
+    "downsampling_ratios": [2, 4, 4, 6, 10],
+    "channel_multiples": [1, 2, 2, 2, 2],
+    "decoder_channels": 8,
+    "decoder_input_channels": 64,
+    "audio_channels": 2,
+    "sampling_rate": 48_000,
+}
+
+# The tiny DiT configuration of the shared conformance vectors (golden/checkpoint/config.json).
+_TINY_DIT_BASE_CONFIG: dict[str, Any] = {
+    "architectures": ["AceStepConditionGenerationModel"],
+    "model_type": "acestep",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "audio_acoustic_hidden_dim": 64,
+    "data_proportion": 0.5,
+    "dtype": "float32",
+    "fsq_dim": 64,
+    "fsq_input_levels": [8, 8, 8, 5, 5, 5],
+    "fsq_input_num_quantizers": 1,
+    "head_dim": 16,
+    "hidden_act": "silu",
+    "hidden_size": 64,
+    "in_channels": 192,
+    "initializer_range": 0.02,
+    "intermediate_size": 128,
+    "layer_types": ["sliding_attention", "full_attention"],
+    "max_position_embeddings": 32768,
+    "num_attention_heads": 4,
+    "num_attention_pooler_hidden_layers": 1,
+    "num_audio_decoder_hidden_layers": 2,
+    "num_hidden_layers": 2,
+    "num_key_value_heads": 2,
+    "num_lyric_encoder_hidden_layers": 2,
+    "num_timbre_encoder_hidden_layers": 2,
+    "patch_size": 2,
+    "pool_window_size": 5,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000,
+    "sliding_window": 4,
+    "text_hidden_dim": TEXT_HIDDEN_DIM,
+    "timbre_fix_frame": 750,
+    "timbre_hidden_dim": 64,
+    "timestep_mu": -0.4,
+    "timestep_sigma": 1.0,
+    "use_cache": True,
+    "use_sliding_window": True,
+    "vocab_size": 64003,
+}
+
+_DIT_WRITER_MODULE = "dit_service.model.weights"
+_DIT_WRITER_NAME = "write_random_dit"
+
+
+@dataclass(frozen=True)
+class WriterStep:
+    """One checkpoint folder: its name under the root and the function that fills it.
+
+    ``write(folder, seed)`` returns ``None`` on success or a note saying why it skipped.
+    """
+
+    folder: str
+    write: Callable[[Path, int], str | None]
+
+
+def _padded_vocab(num_tokens: int) -> int:
+    return -(-num_tokens // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
+
+
+def write_lm(out_dir: Path, seed: int) -> None:
+    """Write the tiny 5 Hz LM: Qwen3ForCausalLM, tokenizer (with chat template), generation config.
+
+    head_dim is 64 because the CPU attention of vLLM rejects smaller heads.
+    """
+    tokenizer = build_lm_tokenizer(out_dir)
+    pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+    eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    config = Qwen3Config(
+        vocab_size=_padded_vocab(len(tokenizer)),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+        rope_parameters=dict(_ROPE),
+        tie_word_embeddings=True,
+        bos_token_id=pad_id,
+        eos_token_id=eos_id,
+        dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config).eval()
+    # Qwen3 lists both ids as stop tokens; the planner's own stop token is <|im_end|>.
+    model.generation_config = GenerationConfig(
+        bos_token_id=pad_id, eos_token_id=[eos_id, pad_id], pad_token_id=pad_id
+    )
+    model.save_pretrained(str(out_dir))
+
+
+def write_text_encoder(out_dir: Path, seed: int) -> None:
+    """Write the tiny Qwen3-Embedding text encoder (Qwen3Model, hidden 32) and its tokenizer."""
+    tokenizer = build_text_encoder_tokenizer(out_dir)
+    config = Qwen3Config(
+        vocab_size=_padded_vocab(len(tokenizer)),
+        hidden_size=TEXT_HIDDEN_DIM,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_parameters=dict(_ROPE),
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
+        eos_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
+        dtype="float32",
+    )
+    torch.manual_seed(seed)
+    Qwen3Model(config).eval().save_pretrained(str(out_dir))
+
+
+def write_vae(out_dir: Path, seed: int) -> None:
+    """Write the tiny AutoencoderOobleck (``config.json`` + ``diffusion_pytorch_model.safetensors``)."""
+    from diffusers import AutoencoderOobleck  # heavy import, only when a VAE is written
+
+    torch.manual_seed(seed)
+    AutoencoderOobleck(**TINY_VAE_CONFIG).eval().save_pretrained(str(out_dir))
+
+
+def tiny_dit_config(variant: str) -> dict[str, Any]:
+    """The tiny DiT ``config.json`` content for ``variant`` ``"turbo"`` or ``"base"``."""
+    if variant not in ("turbo", "base"):
+        raise ValueError(f"variant must be 'turbo' or 'base', got {variant!r}")
+    config = dict(_TINY_DIT_BASE_CONFIG)
+    config["auto_map"] = {
+        "AutoConfig": "configuration_acestep_v15.AceStepConfig",
+        "AutoModel": f"modeling_acestep_v15_{variant}.AceStepConditionGenerationModel",
+    }
+    config["model_version"] = variant
+    config["is_turbo"] = variant == "turbo"
+    return config
+
+
+def write_dit(variant: str) -> Callable[[Path, int], str | None]:
+    """A writer for the DiT folder of ``variant``, delegating to the DiT service's weight writer."""
+
+    def write(out_dir: Path, seed: int) -> str | None:
+        try:
+            module = importlib.import_module(_DIT_WRITER_MODULE)
+        except ModuleNotFoundError as error:
+            if error.name not in (_DIT_WRITER_MODULE, "dit_service", "dit_service.model"):
+                raise
+            return f"skipped: {_DIT_WRITER_MODULE} is not available"
+        writer = getattr(module, _DIT_WRITER_NAME, None)
+        if writer is None:
+            return f"skipped: {_DIT_WRITER_MODULE}.{_DIT_WRITER_NAME} is not available"
+        writer(out_dir, tiny_dit_config(variant), seed)
+        return None
+
+    return write
+
+
+WRITER_STEPS: tuple[WriterStep, ...] = (
+    WriterStep(LM_DIR, write_lm),
+    WriterStep(TEXT_ENCODER_DIR, write_text_encoder),
+    WriterStep(VAE_DIR, write_vae),
+    WriterStep(TURBO_DIR, write_dit("turbo")),
+    WriterStep(BASE_DIR, write_dit("base")),
+)
+
+
+def write_all(
+    root: Path | str, seed: int = 0, steps: Sequence[WriterStep] = WRITER_STEPS
+) -> dict[str, str | None]:
+    """Run every writer step into ``root/<folder>``.
+
+    Returns:
+        ``{folder: None}`` for each folder written, ``{folder: note}`` for each one skipped.
+    """
+    root = Path(root)
+    results: dict[str, str | None] = {}
+    for step in steps:
+        folder = root / step.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        note = step.write(folder, seed)
+        if note is not None and not any(folder.iterdir()):
+            folder.rmdir()
+        results[step.folder] = note
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``acestep-make-tiny-checkpoints DIR [--seed N]``."""
+    parser = argparse.ArgumentParser(
+        prog="acestep-make-tiny-checkpoints",
+        description="Write tiny random-weight ACE-Step 1.5 checkpoints in the published layout.",
+    )
+    parser.add_argument("root", type=Path, help="checkpoint root folder to write into")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    args = parser.parse_args(argv)
+    for folder, note in write_all(args.root, args.seed).items():
+        print(f"{args.root / folder}: {note or 'written'}")
+    return 0

@@ -33,6 +33,18 @@ _BASE_DEFAULT_STEPS = 30
 _BASE_DEFAULT_GUIDANCE = 7.0
 
 
+_CONDITION_INPUTS = (
+    "text_hidden_states",
+    "text_attention_mask",
+    "lyric_hidden_states",
+    "lyric_attention_mask",
+    "refer_audio_acoustic_hidden_states_packed",
+    "refer_audio_order_mask",
+    "chunk_masks",
+    "is_covers",
+)
+
+
 class _RecordingDecoder:
     """Wraps a decoder and keeps every call's input latents, timesteps and raw output."""
 
@@ -61,12 +73,15 @@ class _RecordingModel:
         self.null_condition_emb = model.null_condition_emb
 
 
-def _prepare(model: Any, inputs: dict[str, Tensor], silence: Tensor | None, **overrides: Tensor | None) -> tuple:
+Prepared = tuple[Tensor, Tensor, Tensor]
+
+
+def _prepare(model: Any, inputs: dict[str, Tensor], silence: Tensor | None, **overrides: Tensor | None) -> Prepared:
     """``model.prepare_condition`` as ``generate_audio`` calls it (attention mask of ones)."""
     args = {name: inputs[name] for name in _CONDITION_INPUTS}
     args.update({k: v for k, v in overrides.items() if k in _CONDITION_INPUTS})
     src = overrides.get("src_latents", inputs["src_latents"])
-    ones = torch.ones(src.shape[0], src.shape[1], dtype=src.dtype)  # [B, T]
+    ones = torch.ones(src.shape[0], src.shape[1], dtype=src.dtype, device=src.device)  # [B, T]
     return model.prepare_condition(
         **args,
         hidden_states=src,
@@ -77,19 +92,7 @@ def _prepare(model: Any, inputs: dict[str, Tensor], silence: Tensor | None, **ov
     )
 
 
-_CONDITION_INPUTS = (
-    "text_hidden_states",
-    "text_attention_mask",
-    "lyric_hidden_states",
-    "lyric_attention_mask",
-    "refer_audio_acoustic_hidden_states_packed",
-    "refer_audio_order_mask",
-    "chunk_masks",
-    "is_covers",
-)
-
-
-def _non_cover(model: Any, inputs: dict[str, Tensor], silence: Tensor) -> tuple:
+def _non_cover(model: Any, inputs: dict[str, Tensor], silence: Tensor) -> Prepared:
     """The text2music condition set built from ``non_cover_text_*`` and silence as the source."""
     batch, frames = inputs["src_latents"].shape[:2]
     silence_src = silence[:, :frames, :].expand(batch, -1, -1)  # [B, T, 64]
@@ -105,7 +108,9 @@ def _non_cover(model: Any, inputs: dict[str, Tensor], silence: Tensor) -> tuple:
     )
 
 
-def _settings(is_turbo: bool, kwargs: dict[str, Any], inputs: dict[str, Tensor]) -> tuple[SamplerSettings, GuidanceSettings]:
+def _settings(
+    is_turbo: bool, kwargs: dict[str, Any], inputs: dict[str, Tensor]
+) -> tuple[SamplerSettings, GuidanceSettings]:
     method = kwargs.get("infer_method", "ode")
     if is_turbo:
         timesteps = tuple(inputs["timesteps"].tolist()) if "timesteps" in inputs else None
@@ -151,7 +156,9 @@ class _EpsRecorder:
         return eps
 
 
-def run_generate(model: Any, silence_latent: Tensor | None, inputs: dict[str, Tensor], params: dict[str, Any]) -> dict[str, Tensor]:
+def run_generate(
+    model: Any, silence_latent: Tensor | None, inputs: dict[str, Tensor], params: dict[str, Any]
+) -> dict[str, Tensor]:
     """One ``generate`` case: ``params`` is the manifest's ``params`` (model kind, call_kwargs, ...)."""
     kwargs = params.get("call_kwargs", {})
     kind = params.get("model")

@@ -15,15 +15,29 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from dit_service.guidance import GuidanceSettings, MomentumBuffer, double_batch, double_conditions, guide
-from dit_service.sampler import FlowMatchSampler, SamplerSettings, add_noise
+from dit_service.sampler import SamplerSettings, add_noise
 from shared.errors import Cancelled, InvalidArgument
 
 LATENT_CHANNELS = 64
+
+
+class DenoiseModel(Protocol):
+    """What ``denoise`` uses of the model: its decoder and the CFG null embedding ``[1, 1, D_enc]``.
+
+    ``decoder(x, t, r, encoder_hidden_states, context_latents, cross_kv=...)`` returns the velocity;
+    when the decoder has ``precompute_cross_kv(encoder_hidden_states)``, its result is computed
+    once per condition set and passed to every step.
+    """
+
+    decoder: Any
+    null_condition_emb: Tensor
+
 
 EpsSource = Callable[[int, tuple[int, ...]], Tensor]
 """``(draw_index, shape [B, T, 64]) -> eps``: the fresh noise of the ``draw_index``-th SDE re-noise."""
@@ -77,7 +91,9 @@ def seeded_generators(seeds: Sequence[int], device: torch.device) -> list[torch.
     return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
 
 
-def draw_per_item(generators: Sequence[torch.Generator], frames: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def draw_per_item(
+    generators: Sequence[torch.Generator], frames: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
     """``cat_b randn((1, frames, 64), generator_b)`` -> ``[B, frames, 64]``."""
     draws = [torch.randn((1, frames, LATENT_CHANNELS), generator=g, dtype=dtype, device=device) for g in generators]
     return torch.cat(draws, dim=0)
@@ -90,7 +106,7 @@ def seeded_noise(seeds: Sequence[int], frames: int, dtype: torch.dtype, device: 
 
 @torch.no_grad()
 def denoise(
-    model: torch.nn.Module,
+    model: DenoiseModel,
     request: DenoiseInputs,
     *,
     on_step: Callable[[int, int], None] | None = None,
@@ -103,13 +119,14 @@ def denoise(
     ``Cancelled``. ``model`` needs ``decoder`` and ``null_condition_emb`` (for CFG).
     """
     _validate(request)
-    sampler = request.sampling.build()
     context = request.conditions.context_latents
+    sampler = request.sampling.build(context.dtype)
     shape = (context.shape[0], context.shape[1], LATENT_CHANNELS)
     randomness = _Randomness(request, shape, context.dtype, context.device)
     x = noise = randomness.initial_noise()
     if request.cover_noise_strength > 0:
-        x = add_noise(request.src_latents.to(noise.dtype), noise, sampler.start_from_source(request.cover_noise_strength))
+        start_level = sampler.start_from_source(request.cover_noise_strength)
+        x = add_noise(request.src_latents.to(noise.dtype), noise, start_level)  # [B, T, 64]
     num_steps = sampler.num_steps
     conditions = _ConditionSwitch(model, request, num_steps)
     momentum = MomentumBuffer()
@@ -179,7 +196,7 @@ class _Randomness:
 class _ActiveConditions:
     encoder_hidden_states: Tensor  # [B or 2B, L, D_enc]
     context_latents: Tensor  # [B or 2B, T, 128]
-    cross_kv: object | None  # the decoder's precomputed cross-attention K/V, when it supports them
+    cross_kv: Any  # the decoder's precomputed cross-attention K/V, when it supports them
 
 
 class _ConditionSwitch:
@@ -187,7 +204,7 @@ class _ConditionSwitch:
     the non-cover set for good (fresh cross-attention K/V), each doubled with the null condition
     when CFG is on."""
 
-    def __init__(self, model: torch.nn.Module, request: DenoiseInputs, num_steps: int) -> None:
+    def __init__(self, model: DenoiseModel, request: DenoiseInputs, num_steps: int) -> None:
         self._model, self._request = model, request
         self._cover_steps = int(num_steps * request.audio_cover_strength)
         self._active = self._activate(request.conditions)
@@ -209,7 +226,12 @@ class _ConditionSwitch:
 
 
 def _velocity(
-    model: torch.nn.Module, active: _ActiveConditions, x: Tensor, t: float, guidance: GuidanceSettings, momentum: MomentumBuffer
+    model: DenoiseModel,
+    active: _ActiveConditions,
+    x: Tensor,
+    t: float,
+    guidance: GuidanceSettings,
+    momentum: MomentumBuffer,
 ) -> Tensor:
     """One decoder call at timestep ``t`` (``r = t``), guided when CFG is on -> ``[B, T, 64]``."""
     x_in = double_batch(x) if guidance.is_enabled else x  # [B or 2B, T, 64]
@@ -229,9 +251,10 @@ def inject_source(x: Tensor, repaint: RepaintPlan, noise: Tensor, level: float) 
 def crossfade_boundaries(generated: Tensor, clean: Tensor, mask: Tensor, num_frames: int) -> Tensor:
     """Blend ``generated`` into ``clean`` (both ``[B, T, 64]``) around each row's repaint span.
 
-    The weight is 1 inside the span (first to last True of ``mask [B, T]``), a linear ramp
-    ``linspace(0, 1, n + 2)[1:-1]`` over the ``n <= num_frames`` frames before it, the mirror ramp
-    after it and 0 elsewhere; rows that are all True or all False keep their 0/1 mask.
+    The weight is ``mask [B, T]`` (1 = generated) plus, per row, a linear ramp
+    ``linspace(0, 1, n + 2)[1:-1]`` over the ``n <= num_frames`` frames before the first True
+    frame and the mirror ramp after the last one; rows that are all True or all False keep their
+    0/1 mask.
     """
     mask = mask.to(device=generated.device, dtype=torch.bool)
     soft = mask.float().clone()  # [B, T]

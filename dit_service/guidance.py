@@ -46,10 +46,11 @@ class GuidanceSettings:
         """Whether the doubled conditional/unconditional batch runs at all."""
         return self.scale > 1.0
 
-    def applies_at(self, t: float) -> bool:
-        """``interval_start <= t <= interval_end``, compared in float32 like the reference's tensors."""
-        t32 = torch.tensor(t, dtype=torch.float32)
-        return bool((t32 >= self.interval_start) & (t32 <= self.interval_end))
+    def applies_at(self, t: float, dtype: torch.dtype = torch.float32) -> bool:
+        """``interval_start <= t <= interval_end``, compared in ``dtype`` like the reference's
+        model-dtype timestep tensor (the bounds are rounded to it too)."""
+        t_tensor = torch.tensor(t, dtype=dtype)
+        return bool((t_tensor >= self.interval_start) & (t_tensor <= self.interval_end))
 
     def validate(self) -> None:
         if not self.interval_start <= self.interval_end:
@@ -121,7 +122,9 @@ def apg(
     return cond + (scale - 1) * (orthogonal + eta * parallel)
 
 
-def adg(sample: Tensor, cond: Tensor, uncond: Tensor, sigma: float, scale: float, angle_clip: float = ADG_ANGLE_CLIP) -> Tensor:
+def adg(
+    sample: Tensor, cond: Tensor, uncond: Tensor, sigma: float, scale: float, angle_clip: float = ADG_ANGLE_CLIP
+) -> Tensor:
     """Angle-based guidance for ``sample``/velocities ``[B, T, C]`` at noise level ``sigma > 0``.
 
     Rotates the conditional clean estimate away from the unconditional one by ``w * angle``
@@ -153,13 +156,15 @@ def _perpendicular(diff: Tensor, base: Tensor) -> Tensor:
     return d - dot / (norm_sq + _PROJECTION_EPS) * u
 
 
-def guide(doubled_velocity: Tensor, sample: Tensor, t: float, settings: GuidanceSettings, momentum: MomentumBuffer) -> Tensor:
+def guide(
+    doubled_velocity: Tensor, sample: Tensor, t: float, settings: GuidanceSettings, momentum: MomentumBuffer
+) -> Tensor:
     """Combine a doubled-batch output ``[2B, T, C]`` into the guided velocity ``[B, T, C]`` at ``t``.
 
     Outside the cfg interval the conditional half is returned and the momentum is left untouched.
     """
     cond, uncond = split_cfg(doubled_velocity)
-    if not settings.applies_at(t):
+    if not settings.applies_at(t, sample.dtype):
         return cond
     if settings.use_adg:
         return adg(sample, cond, uncond, t, settings.scale)

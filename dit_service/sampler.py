@@ -10,8 +10,9 @@ Convention: ``x_t = t * noise + (1 - t) * x0`` and the DiT predicts ``v = noise 
   to ``1 - (k + 1) / N`` (the unshifted grid) although the model runs at shifted timesteps; that
   is the reference's behaviour and is reproduced here.
 
-Timesteps are Python floats holding float32 values and step sizes are Python differences, which
-PyTorch rounds to float32 when it multiplies them into float32 latents, as the reference does.
+Timesteps are Python floats holding values of the model dtype (the reference builds its schedule
+tensor in that dtype, so bf16 rounds them) and Euler step sizes are rounded to that dtype before
+they multiply the velocity, as the reference's ``dt * ones(dtype)`` does.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from dit_service import schedules
@@ -41,9 +43,9 @@ class SamplerSettings:
     num_steps: int = 8
     timesteps: tuple[float, ...] | None = None
 
-    def build(self) -> FlowMatchSampler:
-        """A sampler with its timesteps set from these settings."""
-        sampler = FlowMatchSampler(is_turbo=self.is_turbo, infer_method=self.infer_method)
+    def build(self, dtype: torch.dtype = torch.float32) -> FlowMatchSampler:
+        """A sampler with its timesteps set from these settings, for latents of ``dtype``."""
+        sampler = FlowMatchSampler(is_turbo=self.is_turbo, infer_method=self.infer_method, dtype=dtype)
         sampler.set_timesteps(num_steps=self.num_steps, shift=self.shift, timesteps=self.timesteps)
         return sampler
 
@@ -59,25 +61,26 @@ def add_noise(x0: Tensor, eps: Tensor, t: float) -> Tensor:
 
 
 class FlowMatchSampler:
-    """Euler ODE / re-noising SDE over a descending schedule; stateless between calls to ``step``."""
+    """Euler ODE / re-noising SDE over a descending schedule; it holds only the schedule (``step`` is pure)."""
 
-    def __init__(self, is_turbo: bool, infer_method: str = "ode") -> None:
+    def __init__(self, is_turbo: bool, infer_method: str = "ode", dtype: torch.dtype = torch.float32) -> None:
         if infer_method not in INFER_METHODS:
             raise InvalidArgument(
                 f"infer_method must be one of {', '.join(INFER_METHODS)}, got {infer_method!r}", field="infer_method"
             )
         self.is_turbo = is_turbo
         self.infer_method = infer_method
+        self.dtype = dtype
         self._levels: tuple[float, ...] = ()   # schedule as the reference picks cover-noise levels from it
-        self._grid: tuple[float, ...] = ()     # evaluation timesteps (float32 values), plus the final 0 for base
+        self._grid: tuple[float, ...] = ()     # evaluation timesteps (dtype values), plus the final 0 for base
 
     def set_timesteps(self, num_steps: int = 8, shift: float = 3.0, timesteps: Sequence[float] | None = None) -> None:
         """Build the schedule: turbo table / custom list, or the base linspace with shift."""
         if self.is_turbo:
             self._levels = schedules.turbo_timesteps(shift, timesteps)
-            self._grid = schedules.to_float32(self._levels)
+            self._grid = schedules.round_to_dtype(self._levels, self.dtype)
         else:
-            self._grid = schedules.base_timesteps(num_steps, shift)
+            self._grid = schedules.base_timesteps(num_steps, shift, self.dtype)
             self._levels = self._grid[:-1]
 
     @property
@@ -102,7 +105,7 @@ class FlowMatchSampler:
         return level
 
     def timestep(self, step_index: int) -> float:
-        """Timestep of step ``step_index`` (a float32 value)."""
+        """Timestep of step ``step_index`` (a value of the sampler's dtype)."""
         return self.timesteps[step_index]
 
     def is_final_jump(self, step_index: int) -> bool:
@@ -132,7 +135,8 @@ class FlowMatchSampler:
         if t_next is None:
             return predict_x0(sample, velocity, t)
         if self.infer_method == "ode":
-            return sample - velocity * (t - t_next)
+            step_size = torch.tensor(t - t_next, dtype=sample.dtype, device=sample.device)
+            return sample - velocity * step_size
         if renoise is None:
             raise Internal(f"SDE step {step_index} needs renoise noise")
         return add_noise(predict_x0(sample, velocity, t), renoise, t_next)

@@ -4,13 +4,13 @@ Time runs from ``t = 1`` (pure noise) down to ``t = 0`` (data). Two families exi
 
 * turbo: a fixed 8-entry table per shift in {1, 2, 3} (final 0 excluded), or a custom list of up
   to 20 values each snapped to the 20 distinct table values;
-* base / sft: ``linspace(1, 0, N + 1)`` in float32, then ``shift * t / (1 + (shift - 1) * t)``
-  evaluated in float32 tensor arithmetic (final 0 included).
+* base / sft: ``linspace(1, 0, N + 1)``, then ``shift * t / (1 + (shift - 1) * t)``, evaluated in
+  model-dtype tensor arithmetic (final 0 included).
 
 Turbo tables are returned in Python doubles exactly as the reference lists them; base schedules
-as the float32 values the reference computes. ``to_float32`` gives the values the model is
-evaluated at (the reference builds a float32 tensor and reads it back with ``.item()``), so step
-sizes taken as Python differences round the same way as the reference's.
+as the values the reference computes in the model dtype. ``round_to_dtype`` gives the values the
+model is evaluated at (the reference builds a schedule tensor in the model dtype and reads it back
+with ``.item()``), so step sizes taken as Python differences round the same way as the reference's.
 """
 
 from __future__ import annotations
@@ -68,9 +68,9 @@ def snap_custom_timesteps(timesteps: Sequence[float]) -> tuple[float, ...] | Non
     return tuple(nearest(VALID_TIMESTEPS, t) for t in values[:MAX_CUSTOM_TIMESTEPS])
 
 
-def to_float32(values: Sequence[float]) -> tuple[float, ...]:
-    """Round-trip through a float32 tensor, as the reference's schedule tensor does."""
-    return tuple(torch.tensor(list(values), dtype=torch.float32).tolist())
+def round_to_dtype(values: Sequence[float], dtype: torch.dtype = torch.float32) -> tuple[float, ...]:
+    """Round-trip through a ``dtype`` tensor, as the reference's schedule tensor (model dtype) does."""
+    return tuple(torch.tensor(list(values), dtype=dtype).tolist())
 
 
 def turbo_timesteps(shift: float, timesteps: Sequence[float] | None = None) -> tuple[float, ...]:
@@ -78,7 +78,7 @@ def turbo_timesteps(shift: float, timesteps: Sequence[float] | None = None) -> t
 
     ``timesteps``, when given and non-empty after stripping trailing zeros, replaces the shift
     table (see ``snap_custom_timesteps``); otherwise the shift is snapped to {1, 2, 3}. The model
-    is evaluated at ``to_float32`` of these values; the cover-noise start level uses them as is.
+    is evaluated at ``round_to_dtype`` of these values; the cover-noise start level uses them as is.
     """
     custom = snap_custom_timesteps(timesteps) if timesteps is not None else None
     return custom if custom is not None else TURBO_SHIFT_TABLES[snap_shift(shift)]
@@ -96,17 +96,17 @@ def cover_noise_start(levels: Sequence[float], cover_noise_strength: float) -> i
     return list(levels).index(nearest(levels, 1.0 - cover_noise_strength))
 
 
-def base_timesteps(num_steps: int, shift: float) -> tuple[float, ...]:
-    """``num_steps + 1`` float32 values from 1 down to exactly 0, shifted when ``shift != 1``.
+def base_timesteps(num_steps: int, shift: float, dtype: torch.dtype = torch.float32) -> tuple[float, ...]:
+    """``num_steps + 1`` values from 1 down to exactly 0, shifted when ``shift != 1``.
 
     Reproduces ``t = linspace(1, 0, N + 1)`` followed by ``shift * t / (1 + (shift - 1) * t)``
-    in float32 tensor arithmetic.
+    in ``dtype`` tensor arithmetic (the model dtype: bf16 rounds the timesteps).
     """
     if num_steps < 1:
         raise InvalidArgument(f"num_steps must be >= 1, got {num_steps}", field="num_steps")
     if not shift > 0:
         raise InvalidArgument(f"shift must be > 0, got {shift!r}", field="shift")
-    t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float32)  # [N + 1]
+    t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=dtype)  # [N + 1]
     if shift != 1.0:
         t = shift * t / (1 + (shift - 1) * t)  # [N + 1]
     return tuple(t.tolist())

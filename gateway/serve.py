@@ -66,6 +66,7 @@ class LocalStack:
     lm_model: Optional[str] = None
     dit_model: Optional[str] = None
     num_dit: int = 1
+    num_lm: int = 1
     with_lm: bool = True
     device: str = "cpu"
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -90,7 +91,9 @@ class LocalStack:
         ckpt = str(self.checkpoints)
         if self.with_lm:
             lm_model = self.lm_model or find_model(self.checkpoints, "acestep-5Hz-lm-", "acestep-5Hz-lm-1.7B")
-            self._spawn("lm", "lm_service", ["--checkpoints", ckpt, "--model", lm_model, "--device", self.device])
+            for index in range(self.num_lm):
+                self._spawn(f"lm{index}", "lm_service",
+                            ["--checkpoints", ckpt, "--model", lm_model, "--device", self.device])
         dit_model = self.dit_model or find_model(self.checkpoints, "acestep-v15-", "acestep-v15-turbo")
         for index in range(self.num_dit):
             self._spawn(f"dit{index}", "dit_service",
@@ -98,9 +101,10 @@ class LocalStack:
 
     def start_gateway(self, timeout_s: float = 600.0) -> ServiceProcess:
         dits = [s for n, s in self.services.items() if n.startswith("dit")]
+        lms = [s for n, s in self.services.items() if n.startswith("lm")]
         args = ["--dit", ",".join(s.address for s in dits)]
-        if "lm" in self.services:
-            args += ["--lm", self.services["lm"].address]
+        if lms:
+            args += ["--lm", ",".join(s.address for s in lms)]
         gateway = self._spawn("gateway", "gateway", [*args, *self.gateway_args])
         gateway.wait_port(timeout_s)
         return gateway
@@ -123,6 +127,25 @@ class LocalStack:
             except subprocess.TimeoutExpired:
                 os.killpg(service.process.pid, signal.SIGKILL)
                 service.process.wait()
+
+    def _memory_mib(self, field_name: str) -> dict[str, float]:
+        values = {}
+        for name, service in self.services.items():
+            try:
+                status = Path(f"/proc/{service.process.pid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith(field_name + ":"):
+                    values[name] = int(line.split()[1]) / 1024
+        return values
+
+    def peak_rss_mib(self) -> dict[str, float]:
+        """Peak resident memory of each live service process (Linux /proc VmHWM)."""
+        return self._memory_mib("VmHWM")
+
+    def current_rss_mib(self) -> dict[str, float]:
+        return self._memory_mib("VmRSS")
 
     def __enter__(self) -> "LocalStack":
         return self

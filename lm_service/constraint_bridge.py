@@ -6,11 +6,11 @@ plain data.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping, Sequence
 
 from lm_service.constraints.spec import ConstraintSpec, TokenConstraint
 from lm_service.constraints.vocab import ConstraintVocab
+from shared.config import env_default
 
 
 def load_vocab(tokenizer_dir: str) -> ConstraintVocab:
@@ -18,7 +18,7 @@ def load_vocab(tokenizer_dir: str) -> ConstraintVocab:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    max_duration = int(os.environ.get("ACESTEP_LM_MAX_DURATION_S", "600"))
+    max_duration = env_default("lm_max_duration_s", 600, int)
     return ConstraintVocab.from_tokenizer(tokenizer, max_duration_s=max_duration)
 
 

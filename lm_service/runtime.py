@@ -26,7 +26,7 @@ MODEL_LEN_HEADROOM = 64
 
 
 class Engine(Protocol):
-    def generate(self, request: LmGenerateRequest) -> AsyncIterator[LmEvent]: ...
+    def submit(self, request: LmGenerateRequest) -> AsyncIterator[LmEvent]: ...
 
     async def abort(self, request_id: str) -> None: ...
 
@@ -94,7 +94,7 @@ class LmRuntime:
         """Run to completion; ``on_progress(num_tokens)`` as tokens arrive. Cancelling the caller
         aborts the request (both CFG sequences) in the engine."""
         try:
-            async for event in self.engine.generate(request):
+            async for event in self.engine.submit(request):
                 if isinstance(event, LmProgress) and on_progress is not None:
                     on_progress(len(event.token_ids))
                 elif isinstance(event, LmFinished):

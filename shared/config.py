@@ -67,3 +67,8 @@ def optional_env(name: str) -> Optional[str]:
     """Raw ``ACESTEP_<NAME>`` or None (for secrets such as API keys)."""
     value = os.environ.get(f"ACESTEP_{name.upper()}")
     return value or None
+
+
+def export_for_workers(name: str, value: object) -> None:
+    """Publish a setting as ``ACESTEP_<NAME>`` for worker processes the engine spawns."""
+    os.environ[f"ACESTEP_{name.upper()}"] = str(value)

@@ -52,7 +52,7 @@ def _read_plain(message: Any, cls: type[T], skip: tuple[str, ...]) -> dict[str, 
         field_desc = descriptor[f.name]
         if field_desc.has_presence and not _has(message, f.name):
             values[f.name] = None
-        elif field_desc.label == field_desc.LABEL_REPEATED:
+        elif field_desc.is_repeated:
             values[f.name] = list(getattr(message, f.name))
         else:
             values[f.name] = getattr(message, f.name)

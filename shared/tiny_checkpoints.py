@@ -61,11 +61,13 @@ TEXT_HIDDEN_DIM = 32            # must equal the tiny DiT's text_hidden_dim
 _VOCAB_MULTIPLE = 64
 _ROPE = {"rope_type": "default", "rope_theta": 1_000_000.0}
 
-# Tiny VAE: narrow channels, but the published 48 kHz geometry (hop 2*4*4*6*10 = 1920 samples).
+# Tiny VAE with the published 48 kHz geometry (hop 2*4*4*6*10 = 1920 samples). The encoder's output
+# width is encoder_hidden_size = 2 * 64 latent channels (mean and scale), so the encoder cannot be
+# narrower than 128; flat channel multiples keep it at 128 (the published ones are [1, 2, 4, 8, 16]).
 TINY_VAE_CONFIG: dict[str, Any] = {
-    "encoder_hidden_size": 8,
+    "encoder_hidden_size": 128,
     "downsampling_ratios": [2, 4, 4, 6, 10],
-    "channel_multiples": [1, 2, 2, 2, 2],
+    "channel_multiples": [1, 1, 1, 1, 1],
     "decoder_channels": 8,
     "decoder_input_channels": 64,
     "audio_channels": 2,

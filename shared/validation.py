@@ -99,7 +99,8 @@ def normalize_timesignature(value: str, field: str = "timesignature") -> str:
 def check_duration(field: str, value: Optional[float], allow_auto: bool = True) -> None:
     if value is None and allow_auto:
         return
-    check_range(field, value, -math.inf, c.DURATION_MAX_S)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise InvalidArgument(f"{field} must be a number of seconds, got {value!r}", field=field)
     if allow_auto and value <= 0:
         return
     if not c.DURATION_MIN_S <= value <= c.DURATION_MAX_S:

@@ -1,4 +1,4 @@
-"""The audio-code constraint (reference-lm.md section 4.3.11) and the masking primitives.
+"""The audio-code constraint (reference-lm.md section 4.3.11).
 
 In the codes state only valid audio codes (``<|audio_code_0|>`` .. ``<|audio_code_63999|>``) and EOS
 may be sampled. With a target, EOS is blocked until ``target_codes`` tokens have been generated in
@@ -12,23 +12,10 @@ import logging
 
 import torch
 
+from lm_service.constraints.masking import NEG_INF, keep_only
 from lm_service.constraints.vocab import ConstraintVocab
 
 LOG = logging.getLogger("lm_service.constraints")
-NEG_INF = float("-inf")
-
-
-def keep_only(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Set every entry of ``logits`` ([V]) to -inf except ``ids`` ([K] int64, same device)."""
-    kept = logits.index_select(0, ids)  # [K]
-    logits.fill_(NEG_INF)
-    return logits.index_copy_(0, ids, kept)
-
-
-def block_padding(logits: torch.Tensor, num_tokens: int) -> None:
-    """Disallow the ids of a padded logits width ([V], V >= num_tokens)."""
-    if logits.shape[0] > num_tokens:
-        logits[num_tokens:] = NEG_INF
 
 
 def log_allowed(vocab: ConstraintVocab, where: str, logits: torch.Tensor) -> None:

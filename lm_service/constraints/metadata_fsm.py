@@ -31,7 +31,8 @@ from enum import Enum
 
 import torch
 
-from lm_service.constraints.codes import LOG, NEG_INF, CodesConstraint, block_padding, keep_only, log_allowed
+from lm_service.constraints.codes import LOG, CodesConstraint, log_allowed
+from lm_service.constraints.masking import NEG_INF, block_padding, keep_one, keep_only
 from lm_service.constraints.spec import FIELD_ORDER, ConstraintSpec
 from lm_service.constraints.vocab import THINK_END_TAG, THINK_TAG, ConstraintVocab
 from shared.constants import CODES_PER_SECOND
@@ -58,14 +59,6 @@ class CaptionMode(Enum):
     LINE_START = "line_start"  # after a line break, end not decided yet
     INDENT = "indent"          # decided: a continuation line follows
     ENDING = "ending"          # decided: the successor field's name follows
-
-
-def keep_one(logits: torch.Tensor, token_id: int) -> torch.Tensor:
-    """Set every entry of ``logits`` ([V]) to -inf except ``token_id``."""
-    kept = logits[token_id].clone()
-    logits.fill_(NEG_INF)
-    logits[token_id] = kept
-    return logits
 
 
 class MetadataConstraint:
@@ -207,8 +200,8 @@ class MetadataConstraint:
         elif self._caption_tokens >= CAPTION_TOKEN_LIMIT:
             keep_one(logits, vocab.newline_id)
         else:
-            blocked = vocab.caption_indent_blocked if self._caption_mode is CaptionMode.INDENT else vocab.caption_blocked
-            logits[: vocab.num_tokens].masked_fill_(vocab.on(blocked, logits.device), NEG_INF)
+            indent = self._caption_mode is CaptionMode.INDENT
+            vocab.apply(vocab.caption_indent if indent else vocab.caption_text, logits)
 
     def _decide_caption_line(self, logits: torch.Tensor) -> None:
         """After a line break: the top-scoring token decides whether the caption goes on."""
@@ -274,7 +267,7 @@ class MetadataConstraint:
         if stage is Stage.FIELD_VALUE:
             value = self._spec.user_value(field)
             if value is not None:
-                self._injection = deque(self._vocab.encode(f" {value}\n"))
+                pass
         if self._debug:
             LOG.debug("FSM transition: %s -> %s%s", old, self.state_name,
                       f" (injecting {self._vocab.describe(list(self._injection), 64)})" if self._injection else "")

@@ -24,6 +24,28 @@ def id_tensor(ids: Iterable[int]) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class TokenMask:
+    """A fixed set of allowed ids among the first N, stored the way it is cheapest to apply.
+
+    Small sets keep their ids ([K] int64) and are applied by whitelisting; large sets keep an
+    additive penalty ([N] float32: 0 allowed, -inf blocked), applied with one in-place add (the
+    reference applies its audio-code mask the same way).
+    """
+
+    allowed_ids: torch.Tensor
+    penalty: torch.Tensor | None
+
+    @classmethod
+    def from_blocked(cls, blocked: torch.Tensor) -> "TokenMask":
+        """Mask allowing the ids where ``blocked`` ([N] bool) is False."""
+        allowed_ids = (~blocked).nonzero().flatten()  # [K]
+        if 8 * allowed_ids.numel() < blocked.numel():
+            return cls(allowed_ids=allowed_ids, penalty=None)
+        penalty = torch.zeros(blocked.numel(), dtype=torch.float32).masked_fill_(blocked, float("-inf"))  # [N]
+        return cls(allowed_ids=allowed_ids, penalty=penalty)
+
+
+@dataclass(frozen=True)
 class TrieNode:
     """One prefix of a value's token sequence.
 

@@ -14,11 +14,13 @@ from typing import Any, Sequence
 
 import torch
 
+from lm_service.constraints.masking import block_padding, keep_only
 from lm_service.constraints.spec import FIELD_ORDER
 from lm_service.constraints.tables import (
     FixedStringTable,
     GenresTable,
     SpellingTable,
+    TokenMask,
     ValueTrie,
     id_tensor,
     load_genres,
@@ -120,6 +122,14 @@ class ConstraintVocab:
             copy = self._device_copies[key] = tensor.to(device)
         return copy
 
+    def apply(self, mask: TokenMask, logits: torch.Tensor) -> torch.Tensor:
+        """Disallow, in place, every id of ``logits`` ([V], V >= num_tokens) that ``mask`` blocks."""
+        if mask.penalty is None:
+            return keep_only(logits, self.on(mask.allowed_ids, logits.device))
+        logits[: self.num_tokens].add_(self.on(mask.penalty, logits.device))
+        block_padding(logits, self.num_tokens)
+        return logits
+
     def _init_special_ids(self, tokenizer: Any) -> None:
         if tokenizer.eos_token_id is None:
             raise Internal("tokenizer has no eos_token_id")
@@ -166,8 +176,8 @@ class ConstraintVocab:
         starts_indented = torch.tensor(
             [bool(text) and text[0] in " \t" for text in self.token_texts], dtype=torch.bool
         )  # [N]
-        self.caption_blocked = blocked  # [N] never part of a caption
-        self.caption_indent_blocked = blocked | ~starts_indented  # [N] at the start of a continuation line
+        self.caption_text = TokenMask.from_blocked(blocked)  # anywhere in a caption line
+        self.caption_indent = TokenMask.from_blocked(blocked | ~starts_indented)  # starting a continuation line
         # The reference ends the caption when the top token after a line break does not start with
         # a space or a tab (an unindented line is the next field's name).
         self.ends_caption = [bool(text) and text[0] not in " \t" for text in self.token_texts]

@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file
 
 from dit_service.guidance import (
-    ADG_ANGLE_CLIP,
     GuidanceSettings,
     MomentumBuffer,
     adg,
@@ -96,7 +95,7 @@ def test_projection_splits_into_parallel_and_orthogonal_parts() -> None:
 def _adg_expected(angle: float, scale: float) -> torch.Tensor:
     """ADG in 2-D with x = 0, sigma = 1, x0_uncond = e1 and x0_cond at ``angle`` from it."""
     weight = max(scale - 1, 0) + 1e-3
-    new = min(weight * angle, ADG_ANGLE_CLIP)
+    new = min(weight * angle, 3.14 / 6)  # the reference's literal clip, not pi / 6
     x0_new = (math.cos(new) * math.cos(angle), math.cos(new) * math.sin(angle) + math.sin(new))
     return -torch.tensor(x0_new, dtype=torch.float64).view(1, 1, 2)
 

@@ -88,7 +88,7 @@ def test_base_schedule_runs_from_one_to_exactly_zero(num_steps: int, shift: floa
     assert len(grid) == num_steps + 1
     assert grid[0] == 1.0 and grid[-1] == 0.0
     assert all(a > b for a, b in zip(grid, grid[1:]))
-    assert grid == schedules.to_float32(grid)
+    assert grid == schedules.round_to_dtype(grid)
     for i, value in enumerate(grid):
         assert value == pytest.approx(_shifted(shift, 1 - i / num_steps), abs=1e-6)
 
@@ -209,3 +209,15 @@ def test_misuse_raises_typed_errors() -> None:
     sde = SamplerSettings(is_turbo=True, infer_method="sde").build()
     with pytest.raises(Internal, match="renoise"):
         sde.step(torch.zeros(1, 2, 3), 0, torch.zeros(1, 2, 3))
+
+
+def test_bf16_models_see_bf16_rounded_timesteps() -> None:
+    """The reference builds its schedule tensor in the model dtype (documented bf16 values)."""
+    turbo = SamplerSettings(is_turbo=True, shift=3.0).build(torch.bfloat16)
+    assert turbo.timesteps == (1.0, 0.953125, 0.8984375, 0.83203125, 0.75, 0.64453125, 0.5, 0.30078125)
+    base = SamplerSettings(is_turbo=False, shift=3.0, num_steps=6).build(torch.bfloat16)
+    assert base.timesteps == schedules.round_to_dtype(base.timesteps, torch.bfloat16)
+    assert base.timesteps != SamplerSettings(is_turbo=False, shift=3.0, num_steps=6).build().timesteps
+    x, v = torch.randn(1, 4, 3, dtype=torch.bfloat16), torch.randn(1, 4, 3, dtype=torch.bfloat16)
+    step_size = torch.tensor(turbo.timestep(0) - turbo.timestep(1), dtype=torch.bfloat16)
+    assert torch.equal(turbo.step(v, 0, x), x - v * step_size)

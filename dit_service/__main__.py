@@ -1,0 +1,91 @@
+"""``acestep-dit --checkpoints DIR --model acestep-v15-turbo --device cuda:0``: the DiT service.
+
+config -> load the DiT, text encoder and VAE -> warm-up batch -> SERVING -> serve; SIGTERM
+drains in-flight requests, then stops the batcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Optional
+
+import torch
+
+from dit_service.engine import DitEngine, EngineConfig
+from dit_service.pipeline import DitPipeline
+from dit_service.servicer import DitServicer
+from dit_service.vae import EncodeMode
+from shared.config import add_server_flags, env_default, server_config_from_args
+from shared.grpc_server import GrpcServer, ServiceBinding, write_port_file
+from shared.pb.acestep.dit.v1 import dit_pb2_grpc
+from shared.telemetry import setup_logging, setup_tracing
+
+log = logging.getLogger("dit_service")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="acestep-dit", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoints", default=env_default("checkpoints", "checkpoints"))
+    parser.add_argument("--model", default=env_default("dit_model", "acestep-v15-turbo"),
+                        help="DiT folder under --checkpoints (turbo, base, sft, ...)")
+    parser.add_argument("--device", default=env_default("dit_device", "cpu"), help="cpu or cuda:N")
+    parser.add_argument("--dtype", default=env_default("dit_dtype", "auto"), choices=["auto", *DTYPES],
+                        help="auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--max-batch-items", type=int, default=env_default("dit_max_batch_items", 8, int))
+    parser.add_argument("--max-queue", type=int, default=env_default("dit_max_queue", 64, int),
+                        help="items waiting for a batch beyond which requests get RESOURCE_EXHAUSTED")
+    parser.add_argument("--batch-window-ms", type=float, default=env_default("dit_batch_window_ms", 20.0, float),
+                        help="how long a new request waits for others to share its batch")
+    parser.add_argument("--vae-encode", default=env_default("dit_vae_encode", "sample"), choices=[m.value for m in EncodeMode],
+                        help="sample: seeded posterior draw (reference behaviour); mode: posterior mean")
+    parser.add_argument("--no-warmup", action="store_true", default=env_default("dit_no_warmup", False, bool))
+    add_server_flags(parser, default_port=50052)
+    return parser.parse_args(argv)
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return DTYPES[name]
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(max_batch_items=args.max_batch_items, max_queue=args.max_queue,
+                        batch_window_s=args.batch_window_ms / 1000.0)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    config = server_config_from_args("acestep-dit", args)
+    setup_tracing(config.service_name, config.otlp_endpoint)
+    dtype = resolve_dtype(args.dtype, args.device)
+    pipeline = await asyncio.to_thread(DitPipeline.load, args.checkpoints, args.model, args.device, dtype,
+                                       EncodeMode(args.vae_encode))
+    engine = DitEngine(pipeline, engine_config(args))
+    binding = ServiceBinding(dit_pb2_grpc.add_DitServiceServicer_to_server, DitServicer(engine),
+                             "acestep.dit.v1.DitService")
+    server = GrpcServer(config, [binding])
+    port = await server.start()
+    server.install_signal_handlers()
+    await engine.start()
+    if not args.no_warmup:
+        await engine.warm_up()
+    await server.mark_serving()
+    write_port_file(args.port_file, port)
+    log.info("DiT service serving %s (%s, %s) on port %d", args.model, args.device, dtype, port)
+    await server.wait()
+    await engine.stop()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level, args.log_json)
+    asyncio.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The LM engine on transformers: the reference for tests and the engine where vLLM is absent.
+
+Same API and events as ``VllmLmEngine`` and the same per-token pipeline (``GuidedDecoder``): a
+guided request runs its conditional and unconditional prompts as one left-padded batch
+``[cond, uncond]`` with a KV cache (the reference PyTorch backend's layout), an unguided one as a
+batch of one. Requests run one at a time, in submission order, in a worker thread; the model is
+loaded in float32 (reference §1.5 for CPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from lm_service.engine.config import LmEngineConfig
+from lm_service.engine.constraint_hook import build_constraint
+from lm_service.engine.decoding import GuidedDecoder
+from lm_service.engine.stats import EngineStats, RequestTimeline, StatsTracker
+from lm_service.engine.types import FinishReason, LmEvent, LmFinished, LmGenerateRequest, LmProgress, validate_request
+from lm_service.engine.weights import needs_tie_flag
+from shared.errors import InvalidArgument, NotReady
+
+_PAD_ID = 0  # any id: padded positions are masked out
+
+
+class HfGeneration:
+    """One request's generation, step by step (synchronous; runs in the worker thread).
+
+    Args:
+        model: a causal LM returning ``logits`` and ``past_key_values``.
+        request: the validated request.
+        seed: the resolved sampling seed.
+        max_model_len: a stream that reaches this many tokens ends the request (LENGTH).
+        tokenizer_dir: where a constraint's vocabulary loader reads the tokenizer.
+    """
+
+    def __init__(self, model, request: LmGenerateRequest, seed: int, max_model_len: int, tokenizer_dir: str) -> None:
+        self._model = model
+        self._request = request
+        self._max_model_len = max_model_len
+        prompts = [list(request.prompt_token_ids)]
+        if request.uses_guidance:
+            prompts.append(list(request.uncond_prompt_token_ids or ()))
+        self._prompt_lens = [len(p) for p in prompts]
+        factory = None
+        if request.constraint is not None:
+            ref, cond_prompt = request.constraint, prompts[0]
+            factory = lambda: build_constraint(ref, cond_prompt, tokenizer_dir)  # noqa: E731
+        self._decoder = GuidedDecoder(request.settings(seed), prompts[0], factory)
+        self._prompts = prompts
+        self.output_token_ids: list[int] = []
+        self._logits: torch.Tensor | None = None
+        self._cache = None
+        self._mask: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+
+    @torch.inference_mode()
+    def prefill(self) -> None:
+        device = self._model.device
+        width = max(self._prompt_lens)
+        ids = torch.full((len(self._prompts), width), _PAD_ID, dtype=torch.long)  # [B, T]
+        mask = torch.zeros((len(self._prompts), width), dtype=torch.long)  # [B, T]
+        for row, prompt in enumerate(self._prompts):
+            ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, width - len(prompt):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
+        self._mask, self._positions = mask.to(device), positions.to(device)
+        self._forward(ids.to(device), self._positions)
+
+    @torch.inference_mode()
+    def step(self) -> tuple[int, FinishReason | None]:
+        """Pick and append the next token; return it and the finish reason if the request ended."""
+        assert self._logits is not None, "prefill() first"
+        uncond = self._logits[1] if len(self._prompts) == 2 else None  # [V]
+        token = self._decoder.next_token(self._logits[0], uncond, self.output_token_ids)
+        self.output_token_ids.append(token)
+        reason = self._finish_reason(token)
+        if reason is None:
+            batch = len(self._prompts)
+            new_ids = torch.full((batch, 1), token, dtype=torch.long, device=self._model.device)  # [B, 1]
+            self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=-1)  # [B, T+1]
+            self._positions = self._positions[:, -1:] + 1  # [B, 1]
+            self._forward(new_ids, self._positions)
+        return token, reason
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> None:
+        out = self._model(
+            input_ids=input_ids,
+            attention_mask=self._mask,
+            position_ids=positions,
+            past_key_values=self._cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._cache = out.past_key_values
+        self._logits = out.logits[:, -1, :].to(torch.float32)  # [B, V]
+
+    def _finish_reason(self, token: int) -> FinishReason | None:
+        """vLLM's order: a stop token first, then max_tokens or max_model_len."""
+        if token in self._request.stop_token_ids:
+            return FinishReason.STOP
+        num_out = len(self.output_token_ids)
+        if num_out >= self._request.max_tokens or max(self._prompt_lens) + num_out >= self._max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+
+@dataclass
+class _Job:
+    request: LmGenerateRequest
+    seed: int
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    aborted: bool = False
+
+
+class HfLmEngine:
+    """Async LM engine on transformers with the ``VllmLmEngine`` API (one request at a time)."""
+
+    def __init__(self, config: LmEngineConfig) -> None:
+        self.config = config
+        self._model = None
+        self._tracker = StatsTracker()
+        self._pending: collections.deque[_Job] = collections.deque()
+        self._jobs: dict[str, _Job] = {}
+        self._wakeup = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._running_seqs = 0
+
+    async def start(self) -> None:
+        if self._model is None:
+            self._model = await asyncio.to_thread(self._load)
+            self._loop_task = asyncio.create_task(self._run())
+
+    def _load(self):
+        dtype = torch.float32 if self.config.dtype in ("float32", "auto") else getattr(torch, self.config.dtype)
+        extra = {"tie_word_embeddings": True} if needs_tie_flag(self.config.model_dir) else {}
+        model = AutoModelForCausalLM.from_pretrained(str(self.config.model_dir), dtype=dtype, **extra)
+        return model.to(self.config.device).eval()
+
+    async def shutdown(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+        self._model = None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._model.config.vocab_size) if self._model is not None else 0
+
+    def stats(self) -> EngineStats:
+        waiting = sum(2 if job.request.uses_guidance else 1 for job in self._pending)
+        self._tracker.record_queue(self._running_seqs, waiting)
+        return self._tracker.snapshot()
+
+    def submit(self, request: LmGenerateRequest) -> AsyncIterator[LmEvent]:
+        """Validate and queue ``request``; iterate the result for its events (see ``VllmLmEngine``)."""
+        if self._model is None:
+            raise NotReady("the LM engine is not started")
+        validate_request(request, self.vocab_size, self.config.max_model_len)
+        if request.request_id in self._jobs:
+            raise InvalidArgument(f"request_id {request.request_id!r} is already in flight", field="request_id")
+        job = _Job(request, request.seed if request.seed is not None else secrets.randbits(63))
+        self._jobs[request.request_id] = job
+        self._pending.append(job)
+        self._wakeup.set()
+        return self._stream(job)
+
+    async def abort(self, request_id: str) -> None:
+        job = self._jobs.get(request_id)
+        if job is not None:
+            job.aborted = True
+
+    async def _stream(self, job: _Job) -> AsyncIterator[LmEvent]:
+        try:
+            while True:
+                event = await job.events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, LmFinished):
+                    return
+        finally:
+            job.aborted = True
+            self._jobs.pop(job.request.request_id, None)
+
+    async def _run(self) -> None:
+        while True:
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            job = self._pending.popleft()
+            self._running_seqs = 2 if job.request.uses_guidance else 1
+            try:
+                await self._generate(job)
+            except Exception as exc:  # the request fails; the engine goes on
+                job.events.put_nowait(exc)
+            finally:
+                self._running_seqs = 0
+                self._tracker.record_finished()
+
+    async def _generate(self, job: _Job) -> None:
+        timeline = RequestTimeline(job.request.request_id, job.seed, self._tracker)
+        generation = HfGeneration(
+            self._model, job.request, job.seed, self.config.max_model_len, str(self.config.model_dir)
+        )
+        reason: FinishReason | None = None
+        if not job.aborted:
+            await asyncio.to_thread(generation.prefill)
+        while reason is None:
+            if job.aborted:
+                reason = FinishReason.ABORT
+                break
+            token, reason = await asyncio.to_thread(generation.step)
+            timeline.add([token])
+            if reason is None:
+                job.events.put_nowait(LmProgress(job.request.request_id, tuple(timeline.token_ids)))
+        job.events.put_nowait(
+            LmFinished(
+                request_id=job.request.request_id,
+                token_ids=tuple(timeline.token_ids),
+                finish_reason=reason,
+                seed=job.seed,
+                time_to_first_token_s=timeline.time_to_first_token_s,
+                duration_s=timeline.elapsed_s,
+            )
+        )

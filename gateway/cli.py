@@ -42,6 +42,7 @@ class StageBar:
         self.stage: Optional[int] = None
         self.is_tty = stream.isatty()
         self.last_line = ""
+        self.last_printed = -1.0
 
     def update(self, progress: common_pb2.Progress) -> None:
         if self.stage is not None and progress.stage != self.stage and self.is_tty:
@@ -53,10 +54,19 @@ class StageBar:
         line = f"{STAGE_NAMES.get(progress.stage, 'working'):<16} [{bar}] {progress.fraction * 100:5.1f}%{count}"
         if self.is_tty:
             self.stream.write("\r" + line)
-        elif line != self.last_line:
+        elif self._worth_a_line(progress):
             self.stream.write(line + "\n")
         self.last_line = line
         self.stream.flush()
+
+    def _worth_a_line(self, progress: common_pb2.Progress) -> bool:
+        """Without a terminal: a line per stage change and per 25% step, not per token."""
+        new_stage = progress.stage != getattr(self, "_printed_stage", None)
+        if new_stage or progress.fraction >= 1.0 or progress.fraction - self.last_printed >= 0.25:
+            self._printed_stage = progress.stage
+            self.last_printed = progress.fraction if not new_stage else 0.0
+            return True
+        return False
 
     def close(self) -> None:
         if self.is_tty and self.stage is not None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from shared.audio_codes import format_codes
+from shared.constants import CAPTION_MAX_CHARS
 from shared.types import GenerationConfig, GenerationParams, MusicMetadata
 
 SOURCE_AUDIO_TASKS = ("cover", "repaint", "lego", "extract", "complete")
@@ -89,10 +90,19 @@ def merge_lm_metadata(params: GenerationParams, lm: MusicMetadata) -> Generation
     if merged.duration <= 0 and lm.duration:
         merged.duration = float(lm.duration)
     if params.use_cot_caption and lm.caption:
-        merged.caption = lm.caption
+        merged.caption = clip_text(lm.caption, CAPTION_MAX_CHARS)
     if params.use_cot_language and merged.vocal_language in ("", "unknown") and lm.language:
         merged.vocal_language = lm.language
     return merged
+
+
+def clip_text(text: str, max_chars: int) -> str:
+    """``text`` cut to ``max_chars`` at a word boundary when possible (LM captions can run long)."""
+    if len(text) <= max_chars:
+        return text
+    cut = text[:max_chars]
+    space = cut.rfind(" ")
+    return cut[:space] if space > max_chars // 2 else cut
 
 
 def item_params(params: GenerationParams, seed: int, codes: Optional[list[int]]) -> GenerationParams:

@@ -16,14 +16,16 @@ is the published one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+from transformers.utils import logging as transformers_logging
 
 from shared.tiny_tokenizers import (
     EOS_TOKEN,
@@ -132,6 +134,14 @@ class WriterStep:
     write: Callable[[Path, int], str | None]
 
 
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator for the block, restoring the caller's generator state after it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def _padded_vocab(num_tokens: int) -> int:
     return -(-num_tokens // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
 
@@ -160,8 +170,8 @@ def write_lm(out_dir: Path, seed: int) -> None:
         eos_token_id=eos_id,
         dtype="float32",
     )
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config).eval()
+    with _seeded(seed):
+        model = Qwen3ForCausalLM(config).eval()
     # Qwen3 lists both ids as stop tokens; the planner's own stop token is <|im_end|>.
     model.generation_config = GenerationConfig(
         bos_token_id=pad_id, eos_token_id=[eos_id, pad_id], pad_token_id=pad_id
@@ -188,16 +198,18 @@ def write_text_encoder(out_dir: Path, seed: int) -> None:
         eos_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
         dtype="float32",
     )
-    torch.manual_seed(seed)
-    Qwen3Model(config).eval().save_pretrained(str(out_dir))
+    with _seeded(seed):
+        model = Qwen3Model(config).eval()
+    model.save_pretrained(str(out_dir))
 
 
 def write_vae(out_dir: Path, seed: int) -> None:
     """Write the tiny AutoencoderOobleck (``config.json`` + ``diffusion_pytorch_model.safetensors``)."""
     from diffusers import AutoencoderOobleck  # heavy import, only when a VAE is written
 
-    torch.manual_seed(seed)
-    AutoencoderOobleck(**TINY_VAE_CONFIG).eval().save_pretrained(str(out_dir))
+    with _seeded(seed):
+        vae = AutoencoderOobleck(**TINY_VAE_CONFIG).eval()
+    vae.save_pretrained(str(out_dir))
 
 
 def tiny_dit_config(variant: str) -> dict[str, Any]:
@@ -271,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("root", type=Path, help="checkpoint root folder to write into")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     args = parser.parse_args(argv)
+    transformers_logging.disable_progress_bar()
     for folder, note in write_all(args.root, args.seed).items():
         print(f"{args.root / folder}: {note or 'written'}")
     return 0

@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from lm_service.constraints.masking import NEG_INF, keep_only
+from lm_service.constraints.masking import NEG_INF, block_padding, keep_only
 from lm_service.constraints.vocab import ConstraintVocab
 
 LOG = logging.getLogger("lm_service.constraints")
@@ -20,8 +20,11 @@ LOG = logging.getLogger("lm_service.constraints")
 
 def log_allowed(vocab: ConstraintVocab, where: str, logits: torch.Tensor) -> None:
     """Debug log of the ids left finite in ``logits`` ([V])."""
-    allowed = torch.isfinite(logits).nonzero().flatten().tolist()
-    LOG.debug("%s: %d allowed: %s", where, len(allowed), vocab.describe(allowed))
+    finite = torch.isfinite(logits)  # [V]
+    shown = finite.nonzero()[:8].flatten().tolist()
+    more = int(finite.sum()) - len(shown)
+    LOG.debug("%s: %d allowed: %s%s", where, len(shown) + more, vocab.describe(shown),
+              f" (+{more} more)" if more else "")
 
 
 class CodesConstraint:
@@ -47,19 +50,21 @@ class CodesConstraint:
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Mask ``logits`` ([V]) in place to the codes allowed at this step."""
-        vocab = self._vocab
-        target = self._target_codes
+        vocab, target = self._vocab, self._target_codes
+        block_padding(logits, vocab.num_tokens)
         if self._finished or (target is not None and self._num_generated >= target):
             keep_only(logits, vocab.on(vocab.eos, logits.device))
+            eos = "forced"
         else:
             eos_logit = logits[vocab.eos_id].clone()
             logits[: vocab.code_start_id] = NEG_INF
             logits[vocab.code_end_id:] = NEG_INF
             if target is None:
                 logits[vocab.eos_id] = eos_logit
+            eos = "allowed" if target is None else "blocked"
         if self._debug:
-            LOG.debug("codes %d/%s: EOS %s", self._num_generated, target,
-                      "forced" if torch.isfinite(logits).sum() == 1 else "allowed" if target is None else "blocked")
+            LOG.debug("codes %d/%s: audio codes %s, EOS %s", self._num_generated, target,
+                      "blocked" if eos == "forced" else "allowed", eos)
         return logits
 
     def advance(self, token_id: int) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from shared.errors import Internal
+
 NEG_INF = float("-inf")
 
 
@@ -23,6 +25,12 @@ def keep_one(logits: torch.Tensor, token_id: int) -> torch.Tensor:
 
 
 def block_padding(logits: torch.Tensor, num_tokens: int) -> None:
-    """Disallow the ids of a padded logits width ([V], V >= num_tokens)."""
-    if logits.shape[0] > num_tokens:
+    """Disallow the ids of a padded logits width ([V], V >= num_tokens).
+
+    Raises ``Internal`` when the logits are narrower than the tokenizer (a wrong model/tokenizer pair).
+    """
+    width = logits.shape[-1]
+    if width < num_tokens:
+        raise Internal(f"logits have {width} entries but the tokenizer has {num_tokens} tokens")
+    if width > num_tokens:
         logits[num_tokens:] = NEG_INF

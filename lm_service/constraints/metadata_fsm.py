@@ -162,7 +162,7 @@ class MetadataConstraint:
         elif name == "language" and not self._value_ids:
             self._mask_language_choice(logits)
         else:
-            node = getattr(vocab, name).node(tuple(self._value_ids))
+            node = vocab.value_tries[name].node(tuple(self._value_ids))
             if node is None or (node.is_complete and name in _CLOSED_FIELDS) or node.allowed.numel() == 0:
                 keep_one(logits, vocab.newline_id)
             else:
@@ -267,7 +267,7 @@ class MetadataConstraint:
         if stage is Stage.FIELD_VALUE:
             value = self._spec.user_value(field)
             if value is not None:
-                pass
+                self._injection = deque(self._vocab.encode(f" {value}\n"))
         if self._debug:
             LOG.debug("FSM transition: %s -> %s%s", old, self.state_name,
                       f" (injecting {self._vocab.describe(list(self._injection), 64)})" if self._injection else "")

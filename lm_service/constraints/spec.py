@@ -19,8 +19,6 @@ PHASES: tuple[str, ...] = ("cot", "codes", "understand")
 
 # Order in which the CoT block lists its fields (the training data was YAML with sorted keys).
 FIELD_ORDER: tuple[str, ...] = ("bpm", "caption", "duration", "genres", "keyscale", "language", "timesignature")
-# The reference never skips these four.
-REQUIRED_FIELDS: frozenset[str] = frozenset({"bpm", "duration", "keyscale", "timesignature"})
 
 MetadataValue = Union[str, int, float]
 
@@ -62,7 +60,8 @@ class ConstraintSpec:
             raise InvalidArgument(f"target_codes must be >= 0 or None, got {self.target_codes}", field="target_codes")
 
     def is_skipped(self, name: str) -> bool:
-        """Whether field ``name`` is left out of the CoT block."""
+        """Whether field ``name`` is left out of the CoT block (bpm, duration, keyscale and
+        timesignature never are)."""
         return {"genres": self.skip_genres, "caption": self.skip_caption, "language": self.skip_language}.get(
             name, False
         )

@@ -27,22 +27,22 @@ def id_tensor(ids: Iterable[int]) -> torch.Tensor:
 class TokenMask:
     """A fixed set of allowed ids among the first N, stored the way it is cheapest to apply.
 
-    Small sets keep their ids ([K] int64) and are applied by whitelisting; large sets keep an
-    additive penalty ([N] float32: 0 allowed, -inf blocked), applied with one in-place add (the
-    reference applies its audio-code mask the same way).
+    Small sets keep only their ids ([K] int64) and are applied by whitelisting; large sets also
+    keep a ceiling ([N] float32: +inf where allowed, -inf where blocked), applied with one in-place
+    clamp (no boolean-mask kernel, and a +inf logit cannot turn into NaN).
     """
 
     allowed_ids: torch.Tensor
-    penalty: torch.Tensor | None
+    ceiling: torch.Tensor | None
 
     @classmethod
     def from_blocked(cls, blocked: torch.Tensor) -> "TokenMask":
         """Mask allowing the ids where ``blocked`` ([N] bool) is False."""
         allowed_ids = (~blocked).nonzero().flatten()  # [K]
         if 8 * allowed_ids.numel() < blocked.numel():
-            return cls(allowed_ids=allowed_ids, penalty=None)
-        penalty = torch.zeros(blocked.numel(), dtype=torch.float32).masked_fill_(blocked, float("-inf"))  # [N]
-        return cls(allowed_ids=allowed_ids, penalty=penalty)
+            return cls(allowed_ids=allowed_ids, ceiling=None)
+        ceiling = torch.full((blocked.numel(),), float("inf")).masked_fill_(blocked, float("-inf"))  # [N]
+        return cls(allowed_ids=allowed_ids, ceiling=ceiling)
 
 
 @dataclass(frozen=True)

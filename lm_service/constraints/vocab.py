@@ -82,7 +82,8 @@ class ConstraintVocab:
     """Token tables for one tokenizer (shared, read-only, by every constraint built from it).
 
     Ids ``>= num_tokens`` (a padded logits width) are never allowed. Tensors are CPU tensors;
-    ``on(tensor, device)`` returns a cached copy on another device.
+    ``on(tensor, device)`` returns a cached copy on another device. The tokenizer is kept to encode
+    user-supplied values when a generation starts.
     """
 
     def __init__(self, tokenizer: Any, max_duration_s: int, genres: Sequence[str]) -> None:
@@ -91,7 +92,7 @@ class ConstraintVocab:
         self.max_duration_s = int(max_duration_s)
         self.num_tokens = len(tokenizer)
         self.token_texts = _decode_each(tokenizer, self.num_tokens)
-        self._encode = lambda text: list(tokenizer.encode(text, add_special_tokens=False))
+        self._tokenizer = tokenizer
         self._init_special_ids(tokenizer)
         self.code_start_id = find_code_id_range(self.token_texts)
         self.code_end_id = self.code_start_id + NUM_AUDIO_CODES
@@ -103,14 +104,19 @@ class ConstraintVocab:
     def from_tokenizer(
         cls, tokenizer: Any, max_duration_s: int = 600, genres_path: Path | None = None
     ) -> "ConstraintVocab":
-        """Build the tables for ``tokenizer``; ``max_duration_s`` caps the CoT ``duration`` value."""
+        """Build the tables for ``tokenizer``.
+
+        ``max_duration_s`` caps the CoT ``duration`` value (the GPU tier's limit in the reference, at
+        most 600). The genre vocabulary (default: the packaged ``genres.txt``) is read once; unlike
+        the reference there is no hot reload: build a new vocab to change it.
+        """
         path = genres_path or GENRES_PATH
         genres = load_genres(path.read_text(encoding="utf-8").splitlines())
         return cls(tokenizer, max_duration_s, genres)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens added (special-token text maps to its id)."""
-        return self._encode(text)
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
 
     def on(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         """``tensor`` (owned by this vocab) on ``device``, copied once and cached."""
@@ -124,9 +130,9 @@ class ConstraintVocab:
 
     def apply(self, mask: TokenMask, logits: torch.Tensor) -> torch.Tensor:
         """Disallow, in place, every id of ``logits`` ([V], V >= num_tokens) that ``mask`` blocks."""
-        if mask.penalty is None:
+        if mask.ceiling is None:
             return keep_only(logits, self.on(mask.allowed_ids, logits.device))
-        logits[: self.num_tokens].add_(self.on(mask.penalty, logits.device))
+        logits[: self.num_tokens].clamp_(max=self.on(mask.ceiling, logits.device))
         block_padding(logits, self.num_tokens)
         return logits
 
@@ -136,15 +142,14 @@ class ConstraintVocab:
         self.eos_id: int = int(tokenizer.eos_token_id)
         self.pad_id: int | None = tokenizer.pad_token_id
         self.stop_ids = frozenset(i for i in (self.eos_id, self.pad_id) if i is not None)
-        self.newline_id = self._encode("\n")[-1]
-        self.backtick_id = self._encode("`")[-1]
-        self.digit_ids = tuple(self._encode(str(d))[-1] for d in range(10))
-        self.think_end_ids = tuple(self._encode(THINK_END_TAG))
+        self.newline_id = self.encode("\n")[-1]
+        self.backtick_id = self.encode("`")[-1]
+        self.digit_ids = tuple(self.encode(str(d))[-1] for d in range(10))
+        self.think_end_ids = tuple(self.encode(THINK_END_TAG))
         self.eos = id_tensor([self.eos_id])
-        self.newline = id_tensor([self.newline_id])
 
     def _init_tables(self, genres: Sequence[str]) -> None:
-        encode, newline_id = self._encode, self.newline_id
+        encode, newline_id = self.encode, self.newline_id
         names = [THINK_TAG, "\n", THINK_END_TAG] + [f"{name}:" for name in FIELD_ORDER]
         self.fixed = {text: FixedStringTable.build(text, encode, self.token_texts) for text in names}
         self.bpm = ValueTrie.build(encode, "bpm", [str(v) for v in range(BPM_MIN, BPM_MAX + 1)], newline_id)
@@ -153,6 +158,8 @@ class ConstraintVocab:
         self.timesignature = ValueTrie.build(encode, "timesignature", list(VALID_TIME_SIGNATURES), newline_id)
         self.keyscale = ValueTrie.build(encode, "keyscale", list(KEYSCALES), newline_id, self._starts_with_note)
         self.language = ValueTrie.build(encode, "language", list(VALID_LANGUAGES), newline_id)
+        self.value_tries = {"bpm": self.bpm, "duration": self.duration, "keyscale": self.keyscale,
+                            "language": self.language, "timesignature": self.timesignature}
         ids_by_text: dict[str, list[int]] = defaultdict(list)
         ids_by_lower_text: dict[str, list[int]] = defaultdict(list)
         for token_id, text in enumerate(self.token_texts):
@@ -184,6 +191,7 @@ class ConstraintVocab:
 
     def describe(self, token_ids: Sequence[int], limit: int = 8) -> str:
         """``id:'text'`` pairs for logging (first ``limit`` ids)."""
-        shown = [f"{i}:{self.token_texts[i]!r}" if 0 <= i < self.num_tokens else f"{i}:<pad>" for i in token_ids[:limit]]
+        texts = self.token_texts
+        shown = [f"{i}:{texts[i]!r}" if 0 <= i < self.num_tokens else f"{i}:<pad>" for i in token_ids[:limit]]
         more = f" (+{len(token_ids) - limit} more)" if len(token_ids) > limit else ""
         return ", ".join(shown) + more

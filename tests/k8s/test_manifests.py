@@ -49,6 +49,26 @@ def test_model_servers_get_a_generous_startup_budget(render_variant, variant: st
 
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_gateway_startup_budget_covers_its_backend_wait(render_variant, variant: str) -> None:
+    rendered = render_variant(variant)
+    container = main_container(rendered.get("Deployment", "acestep-gateway"))
+    wait_s = float(container_env(rendered, container).get("ACESTEP_BACKEND_WAIT_S", 600))  # the flag's default
+    probe = container["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= wait_s
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_model_servers_load_from_the_checkpoint_mount(render_variant, variant: str) -> None:
+    rendered = render_variant(variant)
+    for name in BACKENDS:
+        container = main_container(rendered.get("Deployment", name))
+        args = expand_args(container["args"], container_env(rendered, container))
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "checkpoints"]
+        assert flag_value(args, "--checkpoints") == mount["mountPath"] and mount.get("readOnly") is True
+        assert flag_value(args, "--model"), f"{name}: no --model"
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
 def test_termination_grace_covers_prestop_and_drain(render_variant, variant: str) -> None:
     rendered = render_variant(variant)
     for deployment in _deployments(rendered):
@@ -234,7 +254,7 @@ def test_gpu_overlay_gives_one_gpu_to_each_model_pod(render_variant) -> None:
     for workload in (rendered.get("Deployment", "acestep-gateway"), rendered.get("Job", "acestep-checkpoints-download")):
         assert all(_gpus(c) == ("None", "None") for _, c in containers(workload))
     env = container_env(rendered, main_container(rendered.get("Deployment", "acestep-lm")))
-    assert env["ACESTEP_LM_MODEL"] == "acestep-5Hz-lm-1.7B" and env["ACESTEP_DEVICE"].startswith("cuda")
+    assert env["ACESTEP_LM_MODEL"] == "acestep-5Hz-lm-1.7B" and env["ACESTEP_LM_DEVICE"].startswith("cuda")
 
 
 def test_base_requests_gpus_but_leaves_node_placement_to_overlays(render_variant) -> None:
@@ -260,8 +280,8 @@ def test_cpu_tiny_needs_no_gpu_volume_or_crd(render_variant) -> None:
         (init,) = pod_spec(deployment)["initContainers"]
         assert init["args"] == ["acestep-make-tiny-checkpoints", "/checkpoints"]
         assert {"name": "checkpoints", "mountPath": "/checkpoints"} in init["volumeMounts"]
-        env = container_env(rendered, main_container(deployment))
-        assert env["ACESTEP_DEVICE"] == "cpu"
+        args = expand_args(main_container(deployment)["args"], container_env(rendered, main_container(deployment)))
+        assert flag_value(args, "--device") == "cpu"
         assert "acestep-serve-cpu" in main_container(deployment)["image"]
 
 

@@ -17,6 +17,7 @@ import torch
 from lm_service.constraints import CAPTION_TOKEN_LIMIT, ConstraintSpec, ConstraintVocab, build_constraint
 from lm_service.constraints.codes import CodesConstraint
 from lm_service.constraints.metadata_fsm import MetadataConstraint
+from lm_service.constraints.tables import TokenMask
 from lm_service.constraints.vocab import find_code_id_range
 from lm_service.output_parser import parse_lm_output
 from shared.constants import KEYSCALES, NUM_AUDIO_CODES, VALID_LANGUAGES, VALID_TIME_SIGNATURES
@@ -25,12 +26,11 @@ from shared.tiny_checkpoints import build_lm_tokenizer
 
 MAX_DURATION_S = 240
 NUM_PADDED = 48
-NEG_INF = float("-inf")
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
-    """Masking one row is far below torch's parallel grain; extra threads only add contention."""
+    """Masking one row takes microseconds; on a busy small machine torch's thread pool only adds waits."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -118,8 +118,7 @@ def expected_fields(spec: ConstraintSpec) -> list[str]:
 def split_block(text: str, stop_at_reasoning: bool) -> tuple[list[str], str]:
     """Lines of the CoT block and the text after it; checks how the block starts and ends."""
     assert text.startswith("<think>\n"), text[:40]
-    if stop_at_reasoning:
-        assert "</think>" not in text
+    if stop_at_reasoning:  # phase 1 ends with EOS where `</think>` would come
         assert text.endswith("\n<|im_end|>"), text[-40:]
         return text[len("<think>\n"):-len("\n<|im_end|>")].split("\n"), ""
     body, closed, rest = text[len("<think>\n"):].partition("\n</think>")
@@ -159,21 +158,23 @@ def check_values(fields: dict[str, str], vocab: ConstraintVocab) -> None:
         assert "`" not in fields["caption"] and "<|audio_code_" not in fields["caption"]
 
 
-def check_cot(text: str, spec: ConstraintSpec, vocab: ConstraintVocab, generated: bool = True) -> dict[str, str]:
+def check_cot(text: str, spec: ConstraintSpec, vocab: ConstraintVocab, check_ranges: bool = True) -> dict[str, str]:
+    """Field order, block ending and (unless values were user-forced) every value's format.
+
+    Returns the raw value text per field (everything after ``name:``, continuation lines included).
+    """
     lines, rest = split_block(text, spec.stop_at_reasoning)
     fields = read_fields(lines)
     assert [name for name, _ in fields] == expected_fields(spec)
-    values = dict(fields)
-    if generated:
-        check_values(values, vocab)
-    parsed = parse_lm_output(text).metadata
-    for name in ("bpm", "duration"):
-        if name in values and generated:
-            assert parsed[name] == int(values[name])
-    for name in ("keyscale", "language", "timesignature"):
-        if name in values and generated:
-            assert parsed[name] == values[name].strip()
     assert "<|audio_code_" not in rest
+    values = dict(fields)
+    if check_ranges:
+        check_values(values, vocab)
+        parsed = parse_lm_output(text).metadata
+        assert {k: parsed[k] for k in values if k in ("bpm", "duration")} == {
+            k: int(v) for k, v in values.items() if k in ("bpm", "duration")}
+        assert {k: parsed[k] for k in values if k in ("keyscale", "language", "timesignature")} == {
+            k: v.strip() for k, v in values.items() if k in ("keyscale", "language", "timesignature")}
     return values
 
 
@@ -186,6 +187,7 @@ def test_cot_phase_under_hostile_logits_is_well_formed(tokenizer, vocab, skip_ca
     for seed in range(16):
         ids = run_adversarial(tokenizer, vocab, spec, seed)
         assert ids[-1] == vocab.eos_id and ids.count(vocab.eos_id) == 1
+        assert vocab.think_end_ids[0] not in ids
         values = check_cot(tokenizer.decode(ids), spec, vocab)
         num_folded_captions += "\n" in values.get("caption", "")
     if not skip_caption:  # the hostile logits did reach the caption's continuation-line branch
@@ -247,7 +249,7 @@ def test_user_metadata_is_forced_verbatim(tokenizer, vocab, seed):
     spec = ConstraintSpec(phase="cot", stop_at_reasoning=True, user_metadata=user)
     ids = run_adversarial(tokenizer, vocab, spec, seed)
     text = tokenizer.decode(ids)
-    values = check_cot(text, spec, vocab, generated=False)
+    values = check_cot(text, spec, vocab, check_ranges=False)
     for name, value in user.items():
         assert values[name] == f" {value}", name
         assert f"\n{name}: {value}\n" in text
@@ -258,7 +260,7 @@ def test_user_caption_and_genres_are_forced_in_understand_phase(tokenizer, vocab
     user = {"caption": "Soft piano, warm strings.", "genres": "Dream Pop"}
     spec = ConstraintSpec(phase="understand", skip_genres=False, user_metadata=user)
     text = tokenizer.decode(run_adversarial(tokenizer, vocab, spec, seed=11))
-    values = check_cot(text, spec, vocab, generated=False)
+    values = check_cot(text, spec, vocab, check_ranges=False)
     assert values["caption"] == " Soft piano, warm strings." and values["genres"] == " Dream Pop"
     check_values({k: v for k, v in values.items() if k not in user}, vocab)
 
@@ -390,6 +392,20 @@ def test_vocab_tables_match_the_tokenizer(tokenizer, vocab):
     assert len(vocab.genres.genres) >= 200 and all(g == g.lower().strip() for g in vocab.genres.genres)
 
 
+@pytest.mark.parametrize("blocked_share", [0.05, 0.99])
+def test_token_masks_block_exactly_their_ids_in_both_forms(vocab, blocked_share):
+    gen = torch.Generator().manual_seed(5)
+    blocked = torch.rand(vocab.num_tokens, generator=gen) < blocked_share  # [N]
+    mask = TokenMask.from_blocked(blocked)
+    assert (mask.ceiling is None) == (blocked_share > 0.5)
+    logits = torch.randn(vocab.num_tokens + NUM_PADDED, generator=gen)  # [V]
+    logits[:10] = float("inf")
+    expected = logits.clone()
+    expected[: vocab.num_tokens][blocked] = float("-inf")
+    expected[vocab.num_tokens:] = float("-inf")
+    assert torch.equal(vocab.apply(mask, logits), expected)
+
+
 def test_code_range_must_be_complete_and_contiguous():
     texts = ["a", "b"] + [f"<|audio_code_{n}|>" for n in range(8)]
     assert find_code_id_range(texts, num_codes=8) == 2
@@ -429,6 +445,13 @@ def test_spec_and_vocab_reject_bad_arguments(tokenizer):
         ConstraintSpec(user_metadata={"tempo": 120})
     with pytest.raises(InvalidArgument, match=r"max_duration_s must be in \[10, 600\] seconds"):
         ConstraintVocab.from_tokenizer(tokenizer, max_duration_s=900)
+
+
+@pytest.mark.parametrize("phase", ["cot", "codes"])
+def test_logits_narrower_than_the_tokenizer_are_refused(tokenizer, vocab, phase):
+    constraint = build_constraint(vocab, ConstraintSpec(phase=phase), encode(tokenizer, "</think>"))
+    with pytest.raises(Internal, match="logits have"):
+        constraint.mask_logits(torch.zeros(vocab.num_tokens - 1))
 
 
 def test_build_constraint_picks_the_state_machine_for_metadata_phases(tokenizer, vocab):

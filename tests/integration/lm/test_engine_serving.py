@@ -1,0 +1,108 @@
+"""Serving behaviour of the vLLM engine: abort, concurrency, constraints, load figures."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from lm_service.engine.types import ConstraintRef, FinishReason, LmGenerateRequest
+from tests.integration.lm import constraint_fixtures
+from tests.integration.lm.helpers import finish, random_prompt, run_all, run_one_by_one, wait_for_tokens
+
+pytestmark = pytest.mark.vllm
+
+
+async def _wait_idle(engine, timeout_s: float = 15.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    stats = engine.stats()
+    while loop.time() < deadline:
+        stats = engine.stats()
+        if stats.num_running_seqs == 0 and stats.num_waiting_seqs == 0:
+            return stats
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the engine did not go idle: {stats}")
+
+
+def _guided(request_id: str, seed: int, vocab: int, max_tokens: int, **kwargs) -> LmGenerateRequest:
+    rng = random.Random(seed)
+    cond = random_prompt(rng, 40, vocab)
+    return LmGenerateRequest(request_id, cond, max_tokens, uncond_prompt_token_ids=cond[:3] + (7, 8, 9),
+                             cfg_scale=2.0, temperature=0.0, **kwargs)
+
+
+async def test_abort_ends_the_stream_and_frees_both_sequences(vllm_engine) -> None:
+    task, reached = await wait_for_tokens(vllm_engine.submit(_guided("doomed", 1, vllm_engine.vocab_size, 400)), 3)
+    await reached.wait()
+    assert vllm_engine.stats().num_running_seqs == 2  # the pair
+    await vllm_engine.abort("doomed")
+    final = await task
+    assert final.finish_reason == FinishReason.ABORT
+    assert 3 <= len(final.token_ids) < 400
+    stats = await _wait_idle(vllm_engine)
+    assert stats.kv_cache_usage == 0.0
+    again = await finish(vllm_engine.submit(_guided("doomed", 1, vllm_engine.vocab_size, 5)))
+    assert again.token_ids == final.token_ids[:5]  # the id is free again and the request is unharmed
+
+
+async def test_eight_requests_in_flight_run_in_the_same_steps(vllm_engine) -> None:
+    vocab = vllm_engine.vocab_size
+    requests = [_guided(f"c{i}", 100 + i, vocab, 48) if i % 2 else
+                LmGenerateRequest(f"c{i}", random_prompt(random.Random(i), 40, vocab), 48, temperature=0.0)
+                for i in range(8)]
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, vllm_engine.stats().num_running_seqs)
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    got = await run_all(vllm_engine, requests)
+    watcher.cancel()
+    assert all(len(out.token_ids) == 48 for out in got.values())
+    assert peak >= 2
+    stats = vllm_engine.stats()
+    assert stats.tokens_per_s > 0 and stats.last_time_to_first_token_s > 0
+    assert stats.num_generated_tokens >= 8 * 48
+
+
+async def test_constraint_is_applied_after_guidance_and_matches_the_reference(vllm_engine, hf_engine) -> None:
+    vocab = vllm_engine.vocab_size
+    spec = {"first_code": 100, "num_codes": 50, "length": 12}
+    ref = ConstraintRef(builder=constraint_fixtures.BUILDER, spec=spec, vocab_loader=constraint_fixtures.VOCAB_LOADER)
+    stop = 5
+    requests = [
+        _guided("fsm-g", 200, vocab, 40, constraint=ref, stop_token_ids=(stop,)),
+        LmGenerateRequest("fsm-p", random_prompt(random.Random(201), 30, vocab), 40, temperature=0.9, seed=3,
+                          constraint=ref, stop_token_ids=(stop,)),
+        _guided("free-g", 200, vocab, 13),
+    ]
+    got = await run_all(vllm_engine, requests)
+    codes = constraint_fixtures.load_code_vocab(str(vllm_engine.config.model_dir))["code_ids"][100:150]
+    for request_id in ("fsm-g", "fsm-p"):
+        tokens = got[request_id].token_ids
+        assert got[request_id].finish_reason == FinishReason.STOP
+        assert len(tokens) == 13 and tokens[-1] == stop
+        assert set(tokens[:-1]) <= set(codes)
+    assert got["free-g"].token_ids != got["fsm-g"].token_ids
+    expected = await run_one_by_one(hf_engine, requests[:2])
+    for request_id, out in expected.items():
+        assert got[request_id].token_ids == out.token_ids
+
+
+async def test_invalid_requests_are_refused_before_queueing(vllm_engine) -> None:
+    from shared.errors import InvalidArgument
+
+    vocab = vllm_engine.vocab_size
+    with pytest.raises(InvalidArgument, match="uncond_prompt_token_ids"):
+        vllm_engine.submit(LmGenerateRequest("bad", (1, 2, 3), 5, cfg_scale=2.0))
+    with pytest.raises(InvalidArgument, match="prompt_token_ids"):
+        vllm_engine.submit(LmGenerateRequest("bad", (1, vocab), 5))
+    task, reached = await wait_for_tokens(vllm_engine.submit(_guided("dup", 3, vocab, 30)), 1)
+    with pytest.raises(InvalidArgument, match="in flight"):
+        vllm_engine.submit(_guided("dup", 3, vocab, 30))
+    await task

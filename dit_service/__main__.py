@@ -74,7 +74,7 @@ async def serve(args: argparse.Namespace) -> None:
     if not args.no_warmup:
         await engine.warm_up()
     await server.mark_serving()
-    write_port_file(args.port_file, port)
+    write_port_file(args.port_file, port, server.metrics_port)
     log.info("DiT service serving %s (%s, %s) on port %d", args.model, args.device, dtype, port)
     await server.wait()
     await engine.stop()

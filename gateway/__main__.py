@@ -78,7 +78,7 @@ async def serve(args: argparse.Namespace) -> None:
         await pool.start()
         await pool.wait_ready(args.backend_wait_s)
     await server.mark_serving()
-    write_port_file(args.port_file, port)
+    write_port_file(args.port_file, port, server.metrics_port)
     log.info("gateway serving on port %d (lm: %s, dit: %s, auth: %s)", port, args.lm or "none", args.dit,
              "on" if interceptors else "off")
     await server.wait()

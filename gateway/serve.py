@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from shared.grpc_server import read_port_file
+
 
 @dataclass
 class ServiceProcess:
@@ -25,12 +27,13 @@ class ServiceProcess:
     port_file: Path
     log_path: Path
     port: int = 0
+    metrics_port: Optional[int] = None
 
     def wait_port(self, timeout_s: float) -> int:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.port_file.exists():
-                self.port = int(self.port_file.read_text())
+                self.port, self.metrics_port = read_port_file(self.port_file)
                 return self.port
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode}; log:\n{self.log_tail()}")
@@ -46,6 +49,13 @@ class ServiceProcess:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def scrape_metrics(self) -> str:
+        """The service's Prometheus text exposition (needs a metrics port)."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
+            return reply.read().decode()
 
 
 def find_model(checkpoints: Path, prefix: str, preferred: str) -> str:
@@ -71,6 +81,7 @@ class LocalStack:
     device: str = "cpu"
     extra_env: dict[str, str] = field(default_factory=dict)
     gateway_args: list[str] = field(default_factory=list)
+    drain_grace_s: float = 5.0
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="acestep-stack-")))
     services: dict[str, ServiceProcess] = field(default_factory=dict)
 
@@ -78,8 +89,8 @@ class LocalStack:
         port_file = self.workdir / f"{name}.port"
         log_path = self.workdir / f"{name}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
-        command = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", "0",
-                   "--port-file", str(port_file), "--drain-grace-s", "5", *args]
+        command = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+                   "--port-file", str(port_file), "--drain-grace-s", str(self.drain_grace_s), *args]
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                        start_new_session=True)

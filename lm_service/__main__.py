@@ -108,7 +108,7 @@ async def serve(args: argparse.Namespace) -> None:
     await warm_up(runtime)
     stats_task = asyncio.ensure_future(export_stats(engine))
     await server.mark_serving()
-    write_port_file(args.port_file, port)
+    write_port_file(args.port_file, port, server.metrics_port)
     log.info("LM service serving %s on port %d with %s", args.model, port, type(engine).__name__)
     await server.wait()
     stats_task.cancel()

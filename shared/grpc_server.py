@@ -222,11 +222,18 @@ class GrpcServer:
         await self.server.wait_for_termination()
 
 
-def write_port_file(path: str, port: int) -> None:
-    """Atomically publish the bound port (readers poll for the file)."""
+def write_port_file(path: str, port: int, metrics_port: Optional[int] = None) -> None:
+    """Atomically publish the bound ports: line 1 the gRPC port, line 2 the metrics port (if any).
+    Readers poll for the file."""
     if not path:
         return
     target = Path(path)
     tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text(str(port))
+    tmp.write_text(f"{port}\n{metrics_port if metrics_port is not None else ''}\n")
     tmp.replace(target)
+
+
+def read_port_file(path: Path) -> tuple[int, Optional[int]]:
+    lines = path.read_text().splitlines()
+    metrics_port = int(lines[1]) if len(lines) > 1 and lines[1].strip() else None
+    return int(lines[0]), metrics_port

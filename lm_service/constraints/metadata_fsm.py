@@ -117,6 +117,8 @@ class MetadataConstraint:
         if self._codes is not None:
             self._codes.advance(token_id)
             return
+        if self._debug:
+            LOG.debug("generated %s in %s", self._vocab.describe([token_id]), self.state_name)
         if token_id in self._vocab.stop_ids:
             self._finished = True
             if self._debug:

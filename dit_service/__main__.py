@@ -40,7 +40,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="items waiting for a batch beyond which requests get RESOURCE_EXHAUSTED")
     parser.add_argument("--batch-window-ms", type=float, default=env_default("dit_batch_window_ms", 20.0, float),
                         help="how long a new request waits for others to share its batch")
-    parser.add_argument("--vae-encode", default=env_default("dit_vae_encode", "sample"), choices=[m.value for m in EncodeMode],
+    parser.add_argument("--vae-encode", default=env_default("dit_vae_encode", "sample"),
+                        choices=[m.value for m in EncodeMode],
                         help="sample: seeded posterior draw (reference behaviour); mode: posterior mean")
     parser.add_argument("--no-warmup", action="store_true", default=env_default("dit_no_warmup", False, bool))
     add_server_flags(parser, default_port=50052)

@@ -29,7 +29,15 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from shared import metrics
-from shared.errors import AceStepError, Cancelled, DeadlineExceeded, Internal, InvalidArgument, NotReady, ResourceExhausted
+from shared.errors import (
+    AceStepError,
+    Cancelled,
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    NotReady,
+    ResourceExhausted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +280,8 @@ class Batcher:
     def _expire_waiting(self) -> None:
         now = time.monotonic()
         for request in [r for r in self._waiting if r.is_expired(now)]:
-            self._close(request.request_id, DeadlineExceeded(f"request {request.request_id} passed its deadline while queued"))
+            error = DeadlineExceeded(f"request {request.request_id} passed its deadline while queued")
+            self._close(request.request_id, error)
 
     def _update_queue_metric(self) -> None:
         metrics.DIT_QUEUE_DEPTH.set(self.waiting_items)

@@ -189,7 +189,9 @@ def _row_hints(row: RowInputs, frames: int, silence: Tensor) -> Tensor:
     return base
 
 
-def assemble(rows: Sequence[RowInputs], silence_latent: Tensor, dtype: torch.dtype, device: torch.device) -> BatchInputs:
+def assemble(
+    rows: Sequence[RowInputs], silence_latent: Tensor, dtype: torch.dtype, device: torch.device
+) -> BatchInputs:
     """Stack per-row inputs over ``T = max(max frames, 128)`` in ``dtype`` on ``device``."""
     if not rows:
         raise InvalidArgument("a batch needs at least one row", field="items")

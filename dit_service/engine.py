@@ -10,7 +10,8 @@ tile) -> per item ``PcmChunk``... (when ``stream_pcm``, as VAE tiles finish) -> 
 
 Streamed PCM is the raw decoder output (clipped to [-1, 1] by the 16-bit conversion); the file is
 encoded from the whole item after the reference's anti-clip (division by the peak when it exceeds
-1), which needs the entire waveform. ``abort(request_id)`` stops a request at the next step.
+1), which needs the entire waveform. Rows of a batch are padded to the longest one; each item is
+cut back to its own length. ``abort(request_id)`` stops a request at the next step.
 """
 
 from __future__ import annotations
@@ -111,6 +112,9 @@ class DitEngine:
         except AceStepError as error:
             metrics.DIT_ITEMS.labels(error.grpc_code_name.lower()).inc(len(state.rows) - state.num_done)
             raise
+        except asyncio.CancelledError:  # the caller went away
+            metrics.DIT_ITEMS.labels("cancelled").inc(len(state.rows) - state.num_done)
+            raise
         finally:
             await stream.aclose()
 
@@ -139,10 +143,13 @@ class DitEngine:
         """Decode uploads to 48 kHz stereo (runs on a helper thread; errors name the field)."""
         limit = self.config.max_source_s
         src_audio = decode_to_stereo_48k(params.src_audio, "src_audio", limit) if params.src_audio else None
-        refer = decode_to_stereo_48k(params.reference_audio, "reference_audio", limit) if params.reference_audio else None
+        refer = None
+        if params.reference_audio:
+            refer = decode_to_stereo_48k(params.reference_audio, "reference_audio", limit)
         latents = None
         if src_latents is not None and src_audio is None:
-            latents = _checked_latents(src_latents.to_numpy("src_latents"), self.pipeline.config.audio_acoustic_hidden_dim)
+            channels = self.pipeline.config.audio_acoustic_hidden_dim
+            latents = _checked_latents(src_latents.to_numpy("src_latents"), channels)
         return Sources(src_audio=src_audio, src_latents=latents, refer_audio=refer)
 
 

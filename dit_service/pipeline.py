@@ -57,7 +57,8 @@ class DitPipeline:
         channels = dit.config.audio_acoustic_hidden_dim
         if vae.latent_channels != channels:
             raise InvalidArgument(
-                f"the VAE decodes {vae.latent_channels}-channel latents but the DiT uses {channels}", field="checkpoints"
+                f"the VAE decodes {vae.latent_channels}-channel latents but the DiT uses {channels}",
+                field="checkpoints",
             )
         if text_encoder.hidden_size != dit.config.text_hidden_dim:
             raise InvalidArgument(

@@ -24,7 +24,13 @@ from dit_service.guidance import GuidanceSettings
 from dit_service.prompts import ConditioningText, build_metas_dict, extract_caption, metas_duration_s, task_instruction
 from dit_service.sampler import SamplerSettings
 from shared.audio_codes import parse_codes
-from shared.constants import DEFAULT_DIT_INSTRUCTION, LATENT_FRAMES_PER_SECOND, TASK_TYPES, TASK_TYPES_TURBO, TURBO_MAX_STEPS
+from shared.constants import (
+    DEFAULT_DIT_INSTRUCTION,
+    LATENT_FRAMES_PER_SECOND,
+    TASK_TYPES,
+    TASK_TYPES_TURBO,
+    TURBO_MAX_STEPS,
+)
 from shared.errors import InvalidArgument, out_of_range
 from shared.types import GenerationParams
 

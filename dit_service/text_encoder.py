@@ -99,4 +99,5 @@ class TextEncoder:
         first_row = [prompts.index(prompt) for prompt in distinct]
         inverse = [distinct.index(prompt) for prompt in prompts]
         device = self.device
-        return ids.to(device), mask.to(device), torch.tensor(first_row, device=device), torch.tensor(inverse, device=device)
+        first = torch.tensor(first_row, device=device)
+        return ids.to(device), mask.to(device), first, torch.tensor(inverse, device=device)

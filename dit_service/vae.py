@@ -143,7 +143,9 @@ class Vae:
         return next(self.model.parameters()).dtype
 
     @torch.no_grad()
-    def decode_tiles(self, latents: Tensor, select: Optional[Callable[[int], Sequence[int]]] = None) -> Iterator[AudioTile]:
+    def decode_tiles(
+        self, latents: Tensor, select: Optional[Callable[[int], Sequence[int]]] = None
+    ) -> Iterator[AudioTile]:
         """Decode ``latents [B, T, C]`` window by window; yields float32 CPU tiles in time order.
 
         ``select(core_start_frame)`` picks the batch rows to decode for each window (all rows when
@@ -179,7 +181,8 @@ class Vae:
         num_samples = audio.shape[-1]
         frames = num_samples // hop
         if frames < 1:
-            raise InvalidArgument(f"audio must hold at least {hop} samples per channel, got {num_samples}", field="audio")
+            raise InvalidArgument(f"audio must hold at least {hop} samples per channel, got {num_samples}",
+                                  field="audio")
         audio = audio.to(device=self.device, dtype=self.dtype)
         pieces = []
         for window in tile_windows(frames, self.encode_chunk_frames, self.encode_overlap_frames):

@@ -45,7 +45,9 @@ class LmEngineConfig:
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
-            raise InvalidArgument(f"dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}", field="dtype")
+            raise InvalidArgument(
+                f"dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}", field="dtype"
+            )
         if not 16 <= self.max_model_len <= 131072:
             raise out_of_range("max_model_len", self.max_model_len, 16, 131072, "tokens")
         if not 2 <= self.max_num_seqs <= 4096:

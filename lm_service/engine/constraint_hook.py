@@ -67,5 +67,7 @@ def build_constraint(ref: ConstraintRef, prompt_token_ids: Sequence[int], tokeni
     vocab = load_vocab(ref.vocab_loader, tokenizer_dir)
     constraint = resolve_callable(ref.builder)(vocab, ref.spec, list(prompt_token_ids))
     if not isinstance(constraint, TokenConstraint):
-        raise TypeError(f"{ref.builder} returned {type(constraint).__name__}, which lacks mask_logits/advance/is_finished")
+        raise TypeError(
+            f"{ref.builder} returned {type(constraint).__name__}, which lacks mask_logits/advance/is_finished"
+        )
     return constraint

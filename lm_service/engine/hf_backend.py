@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,7 +25,9 @@ from lm_service.engine.decoding import GuidedDecoder
 from lm_service.engine.stats import EngineStats, RequestTimeline, StatsTracker
 from lm_service.engine.types import FinishReason, LmEvent, LmFinished, LmGenerateRequest, LmProgress, validate_request
 from lm_service.engine.weights import needs_tie_flag
-from shared.errors import InvalidArgument, NotReady
+from shared.errors import Internal, InvalidArgument, NotReady
+
+logger = logging.getLogger(__name__)
 
 _PAD_ID = 0  # any id: padded positions are masked out
 
@@ -160,24 +163,34 @@ class HfLmEngine:
         return self._tracker.snapshot()
 
     def submit(self, request: LmGenerateRequest) -> AsyncIterator[LmEvent]:
-        """Validate and queue ``request``; iterate the result for its events (see ``VllmLmEngine``)."""
+        """Validate ``request`` and return its event stream; iterating it queues the work."""
         if self._model is None:
             raise NotReady("the LM engine is not started")
         validate_request(request, self.vocab_size, self.config.max_model_len)
-        if request.request_id in self._jobs:
-            raise InvalidArgument(f"request_id {request.request_id!r} is already in flight", field="request_id")
-        job = _Job(request, request.seed if request.seed is not None else secrets.randbits(63))
-        self._jobs[request.request_id] = job
-        self._pending.append(job)
-        self._wakeup.set()
-        return self._stream(job)
+        self._check_free(request.request_id)
+        return self._stream(_Job(request, request.seed if request.seed is not None else secrets.randbits(63)))
 
     async def abort(self, request_id: str) -> None:
+        """Stop ``request_id``: a queued request ends at once, a running one after its current step."""
         job = self._jobs.get(request_id)
-        if job is not None:
-            job.aborted = True
+        if job is None:
+            return
+        job.aborted = True
+        if job in self._pending:
+            self._pending.remove(job)
+            self._tracker.record_finished()
+            timeline = RequestTimeline(request_id, job.seed, self._tracker)
+            job.events.put_nowait(_finished(job, timeline, FinishReason.ABORT))
+
+    def _check_free(self, request_id: str) -> None:
+        if request_id in self._jobs:
+            raise InvalidArgument(f"request_id {request_id!r} is already in flight", field="request_id")
 
     async def _stream(self, job: _Job) -> AsyncIterator[LmEvent]:
+        self._check_free(job.request.request_id)
+        self._jobs[job.request.request_id] = job
+        self._pending.append(job)
+        self._wakeup.set()
         try:
             while True:
                 event = await job.events.get()
@@ -188,6 +201,8 @@ class HfLmEngine:
                     return
         finally:
             job.aborted = True
+            if job in self._pending:
+                self._pending.remove(job)
             self._jobs.pop(job.request.request_id, None)
 
     async def _run(self) -> None:
@@ -201,7 +216,8 @@ class HfLmEngine:
             try:
                 await self._generate(job)
             except Exception as exc:  # the request fails; the engine goes on
-                job.events.put_nowait(exc)
+                logger.exception("LM request %s failed", job.request.request_id)
+                job.events.put_nowait(Internal(f"LM generation failed: {exc.__class__.__name__}"))
             finally:
                 self._running_seqs = 0
                 self._tracker.record_finished()
@@ -222,13 +238,15 @@ class HfLmEngine:
             timeline.add([token])
             if reason is None:
                 job.events.put_nowait(LmProgress(job.request.request_id, tuple(timeline.token_ids)))
-        job.events.put_nowait(
-            LmFinished(
-                request_id=job.request.request_id,
-                token_ids=tuple(timeline.token_ids),
-                finish_reason=reason,
-                seed=job.seed,
-                time_to_first_token_s=timeline.time_to_first_token_s,
-                duration_s=timeline.elapsed_s,
-            )
-        )
+        job.events.put_nowait(_finished(job, timeline, reason))
+
+
+def _finished(job: _Job, timeline: RequestTimeline, reason: FinishReason) -> LmFinished:
+    return LmFinished(
+        request_id=job.request.request_id,
+        token_ids=tuple(timeline.token_ids),
+        finish_reason=reason,
+        seed=job.seed,
+        time_to_first_token_s=timeline.time_to_first_token_s,
+        duration_s=timeline.elapsed_s,
+    )

@@ -26,7 +26,7 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from lm_service.engine.constraint_hook import build_constraint
-from lm_service.engine.decoding import GuidedDecoder
+from lm_service.engine.decoding import ConstraintFactory, GuidedDecoder
 from lm_service.engine.pairing import describe_misalignment
 from lm_service.engine.sampling import force_token
 from lm_service.engine.wire import RowArgs, RowRole, read_row_args
@@ -142,13 +142,10 @@ class GuidanceLogitsProcessor(LogitsProcessor):
             self._decoders[key] = decoder
         return decoder
 
-    def _constraint_factory(self, row: _Row):
+    def _constraint_factory(self, row: _Row) -> ConstraintFactory | None:
+        """Builds the request's constraint from the conditional row's spec and prompt."""
         ref = row.args.constraint
         if ref is None:
             return None
-        if row.args.role is RowRole.UNCOND:
-            # The conditional prompt is what a constraint reads; the twin never builds one alone.
-            return None
         prompt: Sequence[int] = row.prompt_token_ids
         return lambda: build_constraint(ref, prompt, self._tokenizer_dir)
-

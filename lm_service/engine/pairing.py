@@ -14,14 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-
-class SequenceLike(Protocol):
-    request_id: str
-
-    @property
-    def output_token_ids(self) -> Sequence[int]: ...
+from typing import Any
 
 
 @dataclass

@@ -28,6 +28,7 @@ import torch
 _MASK = float("-inf")
 _SEED_MASK = (1 << 63) - 1
 _STEP_MULTIPLIER = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: spreads consecutive steps apart
+_TOP_P_CANDIDATES = 1024
 
 
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -72,13 +73,21 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """
     if top_p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, descending=True)  # [V], [V]
-    probs = torch.softmax(sorted_logits, dim=-1)  # [V]
-    mass_before = torch.cumsum(probs, dim=-1) - probs  # [V] probability of strictly better tokens
-    drop_sorted = mass_before >= top_p  # [V]
-    drop_sorted[0] = False
-    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)  # [V] back in vocab order
-    return logits.masked_fill(drop, _MASK)  # [V]
+    # Sorting the whole vocabulary is slow; the kept set almost always lies in the top few
+    # hundred tokens, so look there first and sort everything only when it does not.
+    num_candidates = min(_TOP_P_CANDIDATES, logits.shape[-1])
+    values, order = torch.topk(logits, num_candidates)  # [K], [K] descending
+    probs = torch.exp(values - torch.logsumexp(logits, dim=-1))  # [K] probabilities over all of V
+    if num_candidates < logits.shape[-1] and float(probs.sum()) < top_p:
+        values, order = torch.sort(logits, descending=True)  # [V], [V]
+        probs = torch.softmax(values, dim=-1)  # [V]
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # [K] probability of strictly better tokens
+    keep = mass_before < top_p  # [K]
+    keep[0] = True
+    kept = order[keep]  # [N]
+    out = torch.full_like(logits, _MASK)  # [V]
+    out[kept] = logits[kept]
+    return out
 
 
 def step_uniform(seed: int, step: int) -> float:

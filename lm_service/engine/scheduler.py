@@ -80,7 +80,8 @@ class PairedScheduler(Scheduler):
         if pair_blocks > total_blocks:
             problems.append(
                 f"the KV cache holds {total_blocks} blocks of {self.block_size} tokens; a guided pair at "
-                f"max_model_len {self.max_model_len} needs {pair_blocks}: raise the KV cache size or lower max_model_len"
+                f"max_model_len {self.max_model_len} needs {pair_blocks}: "
+                "raise the KV cache size or lower max_model_len"
             )
         if problems:
             raise ValueError("PairedScheduler: " + "; ".join(problems))

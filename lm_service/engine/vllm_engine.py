@@ -11,6 +11,7 @@ Engine start takes ~26 s on CPU even for a tiny model; build one engine per proc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import secrets
@@ -22,6 +23,7 @@ from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from lm_service.engine.config import LmEngineConfig
@@ -113,7 +115,7 @@ class VllmLmEngine:
         return self._tracker.snapshot()
 
     def submit(self, request: LmGenerateRequest) -> AsyncIterator[LmEvent]:
-        """Validate and queue ``request``; iterate the result for its events.
+        """Validate ``request`` and return its event stream; iterating it starts the work.
 
         Raises:
             NotReady: the engine is not started.
@@ -122,12 +124,9 @@ class VllmLmEngine:
         if self._llm is None:
             raise NotReady("the LM engine is not started")
         validate_request(request, self._vocab_size, self.config.max_model_len)
-        if request.request_id in self._inflight:
-            raise InvalidArgument(f"request_id {request.request_id!r} is already in flight", field="request_id")
+        self._check_free(request.request_id)
         seed = request.seed if request.seed is not None else secrets.randbits(63)
-        engine_id = f"{request.request_id}-{uuid.uuid4().hex[:12]}"
-        self._inflight[request.request_id] = engine_id
-        return self._stream(request, engine_id, seed)
+        return self._stream(request, seed)
 
     async def abort(self, request_id: str) -> None:
         """Stop ``request_id`` (both sequences of a guided pair); its stream ends with ABORT."""
@@ -135,18 +134,29 @@ class VllmLmEngine:
         if engine_id is not None and self._llm is not None:
             await self._llm.abort(engine_id, internal=False)
 
-    async def _stream(self, request: LmGenerateRequest, engine_id: str, seed: int) -> AsyncIterator[LmEvent]:
+    def _check_free(self, request_id: str) -> None:
+        if request_id in self._inflight:
+            raise InvalidArgument(f"request_id {request_id!r} is already in flight", field="request_id")
+
+    async def _stream(self, request: LmGenerateRequest, seed: int) -> AsyncIterator[LmEvent]:
         assert self._llm is not None
+        self._check_free(request.request_id)
+        engine_id = f"{request.request_id}-{uuid.uuid4().hex[:12]}"
+        self._inflight[request.request_id] = engine_id
         timeline = RequestTimeline(request.request_id, seed, self._tracker)
         prompt = {"prompt_token_ids": list(request.prompt_token_ids)}
+        outputs = self._llm.generate(prompt, sampling_params(request, engine_id, seed), engine_id)
         try:
-            async for output in self._llm.generate(prompt, sampling_params(request, engine_id, seed), engine_id):
-                completion = output.outputs[0]
-                if timeline.add(list(completion.token_ids)) and not output.finished:
-                    yield LmProgress(request.request_id, tuple(timeline.token_ids))
-                if output.finished:
-                    yield _finished_event(timeline, completion.finish_reason, completion.stop_reason)
-                    return
+            async with contextlib.aclosing(outputs):  # closing our stream aborts the vLLM request
+                async for output in outputs:
+                    completion = output.outputs[0]
+                    if timeline.add(list(completion.token_ids)) and not output.finished:
+                        yield LmProgress(request.request_id, tuple(timeline.token_ids))
+                    if output.finished:
+                        yield finished_event(timeline, completion.finish_reason, completion.stop_reason)
+                        return
+        except (EngineDeadError, EngineGenerateError) as exc:
+            raise Internal(f"the LM engine failed: {exc.__class__.__name__}") from exc
         finally:
             self._inflight.pop(request.request_id, None)
             self._tracker.record_finished()
@@ -175,7 +185,8 @@ def sampling_params(request: LmGenerateRequest, engine_id: str, seed: int) -> Sa
     )
 
 
-def _finished_event(timeline: RequestTimeline, reason: str | None, stop_reason: Any) -> LmFinished:
+def finished_event(timeline: RequestTimeline, reason: str | None, stop_reason: Any) -> LmFinished:
+    """The final event for vLLM's finish reason; ``"error"`` (e.g. a broken guided pair) raises."""
     if reason not in _FINISH_REASONS:
         detail = stop_reason if isinstance(stop_reason, str) and stop_reason.startswith(PAIR_ERROR_PREFIX) else None
         raise Internal(detail or f"LM generation failed (finish reason {reason!r})")

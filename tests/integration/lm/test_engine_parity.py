@@ -25,7 +25,8 @@ def _pair_inputs(seed: int, vocab_size: int, cond_len: int = 40, uncond_len: int
 
 def _guided(request_id: str, cond, uncond, max_tokens: int, **kwargs) -> LmGenerateRequest:
     kwargs.setdefault("temperature", 0.0)
-    return LmGenerateRequest(request_id, cond, max_tokens, uncond_prompt_token_ids=uncond, cfg_scale=CFG_SCALE, **kwargs)
+    return LmGenerateRequest(request_id, cond, max_tokens, uncond_prompt_token_ids=uncond, cfg_scale=CFG_SCALE,
+                             **kwargs)
 
 
 def _plain(request_id: str, cond, max_tokens: int, **kwargs) -> LmGenerateRequest:

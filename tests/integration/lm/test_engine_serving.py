@@ -104,6 +104,29 @@ async def test_invalid_requests_are_refused_before_queueing(vllm_engine) -> None
     with pytest.raises(InvalidArgument, match="prompt_token_ids"):
         vllm_engine.submit(LmGenerateRequest("bad", (1, vocab), 5))
     task, reached = await wait_for_tokens(vllm_engine.submit(_guided("dup", 3, vocab, 30)), 1)
+    await reached.wait()
     with pytest.raises(InvalidArgument, match="in flight"):
         vllm_engine.submit(_guided("dup", 3, vocab, 30))
     await task
+
+
+async def test_the_service_constraint_bridge_runs_inside_the_engine(vllm_engine, hf_engine) -> None:
+    """The codes-phase FSM of ``lm_service.constraints``, built in vLLM's worker, after guidance."""
+    bridge = pytest.importorskip("lm_service.constraint_bridge")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(vllm_engine.config.model_dir))
+    text = ("<|im_start|>user\nan upbeat synth-pop track<|im_end|>\n"
+            "<|im_start|>assistant\n<think>\nbpm: 120\n</think>\n\n")
+    cond = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+    uncond = tuple(tokenizer("<|im_start|>user\nNO USER INPUT<|im_end|>\n", add_special_tokens=False)["input_ids"])
+    ref = ConstraintRef(builder=f"{bridge.__name__}:build", spec={"phase": "codes", "target_codes": 10},
+                        vocab_loader=f"{bridge.__name__}:load_vocab")
+    request = LmGenerateRequest("codes", cond, 30, uncond_prompt_token_ids=uncond, cfg_scale=2.0, temperature=0.0,
+                                constraint=ref, stop_token_ids=(tokenizer.eos_token_id,))
+    got = await finish(vllm_engine.submit(request))
+    tokens = tokenizer.convert_ids_to_tokens(list(got.token_ids))
+    assert got.finish_reason == FinishReason.STOP and len(tokens) == 11
+    assert all(t.startswith("<|audio_code_") for t in tokens[:10]) and tokens[-1] == "<|im_end|>"
+    reference = await finish(hf_engine.submit(request))
+    assert reference.token_ids == got.token_ids

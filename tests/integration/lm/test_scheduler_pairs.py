@@ -56,7 +56,8 @@ def _scheduler(vllm_config, num_blocks: int, cls=PairedScheduler) -> PairedSched
     block_size = vllm_config.cache_config.block_size
     vllm_config.cache_config.num_gpu_blocks = num_blocks
     spec = FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=64, dtype=torch.float32)
-    kv_config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["l"], spec)])
+    groups = [KVCacheGroupSpec(["layer"], spec)]
+    kv_config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=groups)
     return cls(
         vllm_config=vllm_config,
         kv_cache_config=kv_config,
@@ -200,3 +201,17 @@ def test_twin_of_an_unknown_request_is_never_created_for_single_sequences(vllm_c
     scheduler.add_request(_request("solo", [5] * 20, 10, None, block_size))
     assert twin_request_id("solo") not in scheduler.requests
     assert scheduler.get_request_counts() == (0, 1)
+
+
+def test_an_error_finish_reaches_the_caller_as_internal_with_the_reason() -> None:
+    from lm_service.engine.stats import RequestTimeline, StatsTracker
+    from lm_service.engine.vllm_engine import finished_event
+    from shared.errors import Internal
+
+    timeline = RequestTimeline("r", 1, StatsTracker())
+    timeline.add([5, 6])
+    assert finished_event(timeline, "length", None).token_ids == (5, 6)
+    with pytest.raises(Internal, match="generated tokens differ"):
+        finished_event(timeline, "error", PAIR_ERROR_PREFIX + "generated tokens differ at step 1: 3 vs 4")
+    with pytest.raises(Internal, match="finish reason 'error'"):
+        finished_event(timeline, "error", None)

@@ -82,18 +82,18 @@ def small_vae() -> Vae:
     model = AutoencoderOobleck(encoder_hidden_size=8, downsampling_ratios=[2, 4, 4, 6, 10],
                                channel_multiples=[1, 1, 1, 1, 1], decoder_channels=4, decoder_input_channels=4,
                                audio_channels=2, sampling_rate=48_000)
-    return Vae(model, encode_chunk_s=0.4, encode_overlap_s=0.08)  # 10-frame windows, 2 frames of context
+    return Vae(model, encode_chunk_s=0.2, encode_overlap_s=0.04)  # 5-frame windows, 1 frame of context
 
 
 def test_encode_is_tiled_to_one_frame_per_hop(small_vae):
-    audio = torch.rand(1, 2, 48_000 + 100) * 2 - 1  # 25 frames and a partial hop
-    assert small_vae.hop_samples == 1920 and small_vae.encode_chunk_frames == 10
+    audio = torch.rand(1, 2, 24_000 + 100) * 2 - 1  # 12 frames and a partial hop
+    assert small_vae.hop_samples == 1920 and small_vae.encode_chunk_frames == 5
     latents = small_vae.encode(audio, EncodeMode.MODE)
-    assert latents.shape == (1, 25, 4)
+    assert latents.shape == (1, 12, 4)
 
 
 def test_sampled_encode_is_reproducible_from_its_generator(small_vae):
-    audio = torch.rand(1, 2, 48_000) * 2 - 1
+    audio = torch.rand(1, 2, 24_000) * 2 - 1
     draw = lambda seed: small_vae.encode(audio, EncodeMode.SAMPLE, torch.Generator().manual_seed(seed))  # noqa: E731
     assert torch.equal(draw(3), draw(3))
     assert not torch.equal(draw(3), draw(4))
@@ -101,7 +101,7 @@ def test_sampled_encode_is_reproducible_from_its_generator(small_vae):
 
 
 def test_untiled_mode_encode_is_the_posterior_mean(small_vae):
-    audio = torch.rand(1, 2, 7 * 1920) * 2 - 1
+    audio = torch.rand(1, 2, 4 * 1920) * 2 - 1
     expected = small_vae.model.encode(audio).latent_dist.mean.transpose(1, 2)
     assert torch.allclose(small_vae.encode(audio, EncodeMode.MODE), expected)
 

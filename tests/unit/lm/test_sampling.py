@@ -72,6 +72,21 @@ def test_top_p_filter_works_on_unsorted_vocab_order() -> None:
     assert torch.isfinite(top_p_filter(logits, 0.7)).tolist() == [False, True, False, True]
 
 
+def _top_p_by_full_sort(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    values, order = torch.sort(logits, descending=True)
+    probs = torch.softmax(values, dim=-1)
+    drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+    drop[0] = False
+    return logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), NEG_INF)
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 8.0])
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.999])
+def test_top_p_keeps_the_same_set_as_a_full_sort_for_peaked_and_flat_distributions(scale: float, top_p: float) -> None:
+    logits = torch.randn(5000, generator=torch.Generator().manual_seed(3)) * scale
+    assert torch.equal(torch.isfinite(top_p_filter(logits, top_p)), torch.isfinite(_top_p_by_full_sort(logits, top_p)))
+
+
 def test_inverse_cdf_sampling_follows_the_distribution_and_skips_masked_tokens() -> None:
     probs = torch.tensor([0.1, 0.0, 0.6, 0.3])
     logits = probs.log()  # log(0) = -inf

@@ -24,6 +24,7 @@ class PairLink:
     cond: Any
     twin: Any
     error: str = ""          # set once the pair is found broken; the request then fails
+    num_checked: int = 0     # generated tokens already found identical in both streams
 
     @property
     def cond_id(self) -> str:
@@ -86,13 +87,19 @@ class PairRegistry:
         return len(self._by_id) // 2
 
 
-def describe_misalignment(cond_tokens: Sequence[int], twin_tokens: Sequence[int]) -> str:
-    """Empty when both streams generated the same tokens, else what differs."""
+def describe_misalignment(cond_tokens: Sequence[int], twin_tokens: Sequence[int], start: int = 0) -> str:
+    """Empty when both streams generated the same tokens, else what differs.
+
+    Tokens before ``start`` are taken as already checked (the scheduler checks each step's new
+    tokens only).
+    """
     if len(cond_tokens) != len(twin_tokens):
         return f"generated lengths differ: conditional {len(cond_tokens)}, unconditional {len(twin_tokens)}"
-    if list(cond_tokens) != list(twin_tokens):
-        step = next(i for i, (a, b) in enumerate(zip(cond_tokens, twin_tokens)) if a != b)
-        return f"generated tokens differ at step {step}: {cond_tokens[step]} vs {twin_tokens[step]}"
+    if isinstance(cond_tokens, list) and isinstance(twin_tokens, list) and cond_tokens == twin_tokens:
+        return ""
+    for step in range(start, len(cond_tokens)):
+        if cond_tokens[step] != twin_tokens[step]:
+            return f"generated tokens differ at step {step}: {cond_tokens[step]} vs {twin_tokens[step]}"
     return ""
 
 

@@ -26,6 +26,7 @@ checks that both sequences generated identical tokens, finishes a sequence whose
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from collections.abc import Iterable
 from typing import Any
 
@@ -64,6 +65,8 @@ class PairedScheduler(Scheduler):
         problems = []
         if config.enable_chunked_prefill:
             problems.append("chunked prefill must be disabled (enable_chunked_prefill=False)")
+        if config.async_scheduling:
+            problems.append("scheduling must be synchronous (async_scheduling=False)")
         if self.policy != SchedulingPolicy.FCFS:
             problems.append("the scheduling policy must be 'fcfs'")
         if self.vllm_config.speculative_config is not None:
@@ -90,9 +93,11 @@ class PairedScheduler(Scheduler):
         """Queue ``request``; a conditional sequence is queued with its new twin right behind it."""
         params = request.sampling_params
         args = read_row_args(params.extra_args if params is not None else None)
-        super().add_request(request)
         if args is None or args.role is not RowRole.COND:
+            super().add_request(request)
             return
+        params.extra_args = replace(args, uncond_prompt_token_ids=None).to_extra_args()  # the worker needs none
+        super().add_request(request)
         twin_params = params.clone()
         twin_params.extra_args = args.twin().to_extra_args()
         twin = Request(
@@ -123,6 +128,7 @@ class PairedScheduler(Scheduler):
         return finished
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        """vLLM's schedule, with pairs preempted and admitted whole (see the module docstring)."""
         preempted = self._make_decode_room()
         held_back = self._hold_back_waiting(admit=not preempted)
         try:
@@ -216,11 +222,14 @@ class PairedScheduler(Scheduler):
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
     ) -> dict[int, EngineCoreOutputs]:
+        """vLLM's bookkeeping of a step, then the pair checks; twins' outputs are dropped."""
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         scheduled = scheduler_output.num_scheduled_tokens
         for pair in list(self.pairs.pairs()):
             if not pair.error and (pair.cond_id in scheduled or pair.twin_id in scheduled):
-                pair.error = describe_misalignment(pair.cond.output_token_ids, pair.twin.output_token_ids)
+                cond_tokens, twin_tokens = pair.cond.output_token_ids, pair.twin.output_token_ids
+                pair.error = describe_misalignment(cond_tokens, twin_tokens, pair.num_checked)
+                pair.num_checked = len(cond_tokens)
             self._settle(pair, outputs)
         _drop_twin_outputs(outputs)
         return outputs

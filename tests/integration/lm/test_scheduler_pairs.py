@@ -88,8 +88,9 @@ def _token(key: str, step: int) -> int:
 class Driver:
     """Runs schedule -> fake model -> update_from_output and records what the frontend sees."""
 
-    def __init__(self, scheduler: PairedScheduler) -> None:
+    def __init__(self, scheduler: PairedScheduler, corrupt_twin_at: int = -1) -> None:
         self.scheduler = scheduler
+        self.corrupt_twin_at = corrupt_twin_at  # a step at which twins get a different token
         self.outputs: dict[str, list[int]] = {}
         self.finish: dict[str, tuple[FinishReason, object]] = {}
         self.num_preempted = 0
@@ -106,7 +107,9 @@ class Driver:
         for request_id in ids:
             request = scheduler.requests[request_id]
             args = read_row_args(request.sampling_params.extra_args)
-            sampled.append([_token(args.key, len(request.output_token_ids))])
+            step = len(request.output_token_ids)
+            corrupt = args.role is RowRole.UNCOND and step == self.corrupt_twin_at
+            sampled.append([_token(args.key, step) + (1 if corrupt else 0)])
         runner_output = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
                                           sampled_token_ids=sampled)
         for client_outputs in scheduler.update_from_output(out, runner_output).values():
@@ -168,6 +171,23 @@ def test_vllm_alone_splits_a_pair_and_the_split_fails_the_request_loudly(vllm_co
             assert driver.split_steps == 0
             assert reason == FinishReason.LENGTH
             assert driver.outputs["pair"] == [_token("pair", step) for step in range(40)]
+
+
+def test_diverging_tokens_fail_only_that_request(vllm_config) -> None:
+    scheduler = _scheduler(vllm_config, num_blocks=32)
+    block_size = vllm_config.cache_config.block_size
+    driver = Driver(scheduler, corrupt_twin_at=5)
+    scheduler.add_request(_request("pair", [5] * 30, 20, [6] * 10, block_size))
+    scheduler.add_request(_request("solo", [7] * 30, 20, None, block_size))
+    driver.run()
+    reason, stop_reason = driver.finish["pair"]
+    assert reason == FinishReason.ERROR
+    assert stop_reason == PAIR_ERROR_PREFIX + "generated tokens differ at step 5: " + (
+        f"{_token('pair', 5)} vs {_token('pair', 5) + 1}"
+    )
+    assert len(driver.outputs["pair"]) == 6  # it ends at the step where the streams diverged
+    assert driver.finish["solo"][0] == FinishReason.LENGTH and len(driver.outputs["solo"]) == 20
+    assert scheduler.get_request_counts() == (0, 0) and len(scheduler.pairs) == 0
 
 
 def test_aborting_the_request_finishes_both_sequences_and_frees_their_blocks(vllm_config) -> None:

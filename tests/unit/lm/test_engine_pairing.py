@@ -56,6 +56,8 @@ def test_misalignment_names_the_difference() -> None:
     assert describe_misalignment([1, 2, 3], [1, 2, 3]) == ""
     assert "lengths differ" in describe_misalignment([1, 2, 3], [1, 2])
     assert "step 1" in describe_misalignment([1, 2, 3], [1, 9, 3])
+    assert "step 2" in describe_misalignment((1, 2, 3), (1, 2, 4), start=1)
+    assert describe_misalignment((9, 2, 3), (1, 2, 3), start=1) == ""  # tokens before start were checked
 
 
 def test_group_waiting_pulls_a_pair_together_in_queue_order() -> None:

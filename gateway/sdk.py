@@ -18,6 +18,7 @@ import grpc
 
 from shared import convert
 from shared.audio import decode_audio
+from shared.errors import AceStepError
 from shared.pb.acestep.common.v1 import common_pb2
 from shared.pb.acestep.gateway.v1 import gateway_pb2 as gw
 from shared.pb.acestep.gateway.v1 import gateway_pb2_grpc
@@ -173,6 +174,9 @@ def generate_music(client: AceStepClient, params: GenerationParams, config: Gene
             collector.feed(event)
     except grpc.RpcError as error:
         return GenerationResult(success=False, error=_error_text(error), status_message=f"Error: {error.details()}")
+    except AceStepError as error:  # refused on the client side, e.g. an unknown audio_format
+        return GenerationResult(success=False, error=f"{error.grpc_code_name}: {error.message}",
+                                status_message=f"Error: {error.message}")
     except (OSError, ValueError) as error:
         return GenerationResult(success=False, error=str(error), status_message=f"Error: {error}")
     return collector.to_result()

@@ -29,6 +29,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 320 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 30_000),
 ]
+MISSED_CHECKS_BEFORE_DOWN = 3
 
 
 @dataclass
@@ -104,13 +105,20 @@ class ReplicaPool:
             self._sync_addresses()
 
     async def _watch(self, replica: Replica) -> None:
+        """NOT_SERVING or an unreachable replica counts at once; a check that merely times out (a
+        replica busy on a saturated host) only after ``MISSED_CHECKS_BEFORE_DOWN`` in a row."""
         stub = health_pb2_grpc.HealthStub(replica.channel)
+        misses = 0
         while True:
             try:
                 reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=max(1.0, self.health_interval_s))
+                misses = 0
                 replica.set_healthy(reply.status == health_pb2.HealthCheckResponse.SERVING)
-            except grpc.aio.AioRpcError:
-                replica.set_healthy(False)
+            except grpc.aio.AioRpcError as error:
+                slow = error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                misses = misses + 1 if slow else MISSED_CHECKS_BEFORE_DOWN
+                if misses >= MISSED_CHECKS_BEFORE_DOWN:
+                    replica.set_healthy(False)
             await asyncio.sleep(self.health_interval_s)
 
     async def wait_ready(self, timeout_s: float) -> None:

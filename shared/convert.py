@@ -106,6 +106,9 @@ def config_to_pb(config: t.GenerationConfig) -> pb.GenerationConfig:
 def config_from_pb(message: pb.GenerationConfig) -> t.GenerationConfig:
     values = _read_plain(message, t.GenerationConfig, skip=("seeds", "audio_format"))
     values["seeds"] = list(message.seeds.values) if _has(message, "seeds") else None
+    if message.audio_format not in AUDIO_FORMAT_FROM_PB and message.audio_format != pb.AUDIO_FORMAT_UNSPECIFIED:
+        raise InvalidArgument(f"audio_format {message.audio_format} is not a known AudioFormat "
+                              f"(use one of {', '.join(AUDIO_FORMAT_TO_PB)})", field="audio_format")
     values["audio_format"] = AUDIO_FORMAT_FROM_PB.get(message.audio_format, "flac")
     return t.GenerationConfig(**values)
 

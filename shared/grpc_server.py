@@ -18,18 +18,21 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from shared import metrics
 from shared.config import ServerConfig
-from shared.errors import AceStepError
+from shared.errors import AceStepError, InvalidArgument
 from shared.pb.acestep.common.v1 import common_pb2
 from shared.telemetry import request_id_var
 
 log = logging.getLogger(__name__)
 ERROR_DETAIL_KEY = "acestep-error-bin"
+MAX_STATUS_MESSAGE_BYTES = 1000  # trailers above ~8 KiB are refused by gRPC clients
+MAX_REQUEST_ID_BYTES = 128       # as logged and echoed in error trailers
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,14 @@ class ServiceBinding:
     add_to_server: Callable[[Any, grpc.aio.Server], None]
     servicer: Any
     full_name: str  # e.g. "acestep.dit.v1.DitService"
+
+
+def bounded(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` of UTF-8 (marked with "..." when cut)."""
+    data = text.encode()
+    if len(data) <= max_bytes:
+        return text
+    return data[: max_bytes - 3].decode(errors="ignore") + "..."
 
 
 def _status_code(error: AceStepError) -> grpc.StatusCode:
@@ -52,10 +63,13 @@ def error_metadata(code: grpc.StatusCode, message: str, field: str = "", stage: 
 
 
 async def abort_with(context: grpc.aio.ServicerContext, error: AceStepError) -> None:
-    """Abort the RPC with the error's status code, message and an ErrorDetail trailer."""
+    """Abort the RPC with the error's status code, message and an ErrorDetail trailer. The message
+    is bounded: it travels in trailers, and a client drops a call whose trailers are too large
+    (RESOURCE_EXHAUSTED) when a message quotes a huge bad value."""
     code = _status_code(error)
     stage = getattr(error, "stage", "") or ""
-    await context.abort(code, error.message, error_metadata(code, error.message, error.field or "", stage))
+    message = bounded(error.message, MAX_STATUS_MESSAGE_BYTES)
+    await context.abort(code, message, error_metadata(code, message, bounded(error.field or "", 256), stage))
 
 
 class _Call:
@@ -65,14 +79,17 @@ class _Call:
         self.labels = (service, method)
         self.code = "OK"
         self.start = time.perf_counter()
-        self.token = request_id_var.set(getattr(request, "request_id", "") or "-")
+        self.token = request_id_var.set(bounded(getattr(request, "request_id", "") or "-", MAX_REQUEST_ID_BYTES))
         metrics.RPC_IN_FLIGHT.labels(*self.labels).inc()
 
     def close(self) -> None:
         metrics.RPC_IN_FLIGHT.labels(*self.labels).dec()
         metrics.RPC_LATENCY.labels(*self.labels).observe(time.perf_counter() - self.start)
         metrics.RPC_REQUESTS.labels(*self.labels, self.code).inc()
-        request_id_var.reset(self.token)
+        try:
+            request_id_var.reset(self.token)
+        except ValueError:  # closed from another context: an abandoned stream finalized by the event loop
+            request_id_var.set("-")
 
     async def fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
         """Map an exception to a status; re-raise what gRPC or asyncio must see."""
@@ -96,6 +113,7 @@ def _wrap_unary(behavior: Callable, service: str, method: str) -> Callable:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = _Call(service, method, request)
         try:
+            _check_parsed(request)
             return await behavior(request, context)
         except BaseException as exc:  # mapped, logged or re-raised by fail()
             await call.fail(context, exc)
@@ -108,19 +126,55 @@ def _wrap_unary(behavior: Callable, service: str, method: str) -> Callable:
 def _wrap_stream(behavior: Callable, service: str, method: str) -> Callable:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = _Call(service, method, request)
+        result = None
         try:
+            _check_parsed(request)
             result = behavior(request, context)
             if inspect.isasyncgen(result):
                 async for item in result:
                     yield item
             else:
                 await result
+        except GeneratorExit:  # the stream was abandoned (the client cancelled or went away): no status to send
+            call.code = "CANCELLED"
+            if inspect.isasyncgen(result):
+                await result.aclose()  # the servicer's cleanup runs now, not whenever the loop finalizes it
+            raise
         except BaseException as exc:  # mapped, logged or re-raised by fail()
             await call.fail(context, exc)
         finally:
             call.close()
 
     return handler
+
+
+class _Unparsed:
+    """Stands in for a request whose bytes are not a valid message (bad wire format, bad UTF-8)."""
+
+    request_id = ""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _lenient(deserializer: Optional[Callable[[bytes], Any]]) -> Optional[Callable[[bytes], Any]]:
+    """A deserializer that hands undecodable bytes to the handler (INVALID_ARGUMENT there) instead of
+    failing inside gRPC, which would answer UNKNOWN with the exception's class name."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as error:
+            return _Unparsed(str(error))
+
+    return deserialize
+
+
+def _check_parsed(request: Any) -> None:
+    if isinstance(request, _Unparsed):
+        raise InvalidArgument(f"the request is not a valid message: {request.reason}")
 
 
 class ErrorMetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -134,13 +188,13 @@ class ErrorMetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, service, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream, service, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler

@@ -89,8 +89,28 @@ class GuidanceLogitsProcessor(LogitsProcessor):
         if not self._rows:
             return logits
         for key, (cond_index, uncond_index) in self._group_rows().items():
-            self._decide(key, logits, cond_index, uncond_index)
+            try:
+                self._decide(key, logits, cond_index, uncond_index)
+            except Exception:  # one request's failing constraint must not stop the engine
+                logger.exception("LM request %s: picking its token failed; ending the request", key)
+                self._decoders.pop(key, None)
+                self._end_rows(logits, cond_index, uncond_index)
         return logits
+
+    def _end_rows(self, logits: torch.Tensor, cond_index: int | None, uncond_index: int | None) -> None:
+        """End a request whose token could not be picked.
+
+        A pair's rows are forced to different tokens, which the scheduler reports as an error for
+        the request; a single sequence is forced to its first stop token (the error is logged).
+        """
+        if cond_index is not None and uncond_index is not None:
+            force_token(logits[cond_index], 0)
+            force_token(logits[uncond_index], 1)
+            return
+        for index in (cond_index, uncond_index):
+            if index is not None:
+                stop_ids = self._rows[index].args.settings.stop_token_ids
+                force_token(logits[index], stop_ids[0] if stop_ids else 0)
 
     def _group_rows(self) -> dict[str, tuple[int | None, int | None]]:
         """request key -> (row of the conditional or single sequence, row of the twin)."""

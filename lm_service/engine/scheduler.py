@@ -180,9 +180,9 @@ class PairedScheduler(Scheduler):
         A paired sequence waiting without its partner is never admitted; its pair is marked broken
         and fails at the end of the step.
         """
-        groups = group_waiting(list(self.waiting), self.pairs)
-        orphans = [group for group in groups if self._is_orphan(group)]
-        groups = [group for group in groups if not self._is_orphan(group)]
+        groups, orphans = [], []
+        for group in group_waiting(list(self.waiting), self.pairs):
+            (orphans if self._is_orphan(group) else groups).append(group)
         num_admissible = 0
         if admit:
             costs = [group_cost(sequence_cost(r.num_tokens, self.block_size) for r in group) for group in groups]

@@ -11,6 +11,7 @@ Engine start takes ~26 s on CPU even for a tiny model; build one engine per proc
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -96,16 +97,21 @@ class VllmLmEngine:
         """Load the model and start vLLM's engine processes (tens of seconds)."""
         if self._llm is not None:
             return
-        model_dir = prepare_model_dir(self.config.model_dir, self.config.resolved_views_dir())
+        views_dir = self.config.resolved_views_dir()
+        model_dir = await asyncio.to_thread(prepare_model_dir, self.config.model_dir, views_dir)
         factory = functools.partial(_QueueStatLogger, tracker=self._tracker)
-        self._llm = AsyncLLM.from_engine_args(engine_args(self.config, str(model_dir)), stat_loggers=[factory])
+        args = engine_args(self.config, str(model_dir))
+        # Building AsyncLLM waits for the engine processes; a thread keeps the event loop serving
+        # (health checks) meanwhile. Its output handler starts with the first request.
+        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args, stat_loggers=[factory])
         self._vocab_size = self._llm.model_config.get_vocab_size()
         logger.info("vLLM LM engine ready: %s (vocab %d)", model_dir, self._vocab_size)
 
     async def shutdown(self) -> None:
+        """Stop vLLM's engine processes (waits for them, off the event loop)."""
         if self._llm is not None:
-            self._llm.shutdown()
-            self._llm = None
+            llm, self._llm = self._llm, None
+            await asyncio.to_thread(llm.shutdown)
 
     @property
     def vocab_size(self) -> int:

@@ -48,9 +48,21 @@ def prepare_model_dir(model_dir: Path | str, views_root: Path | str) -> Path:
     staging = view.with_name(view.name + f".tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    _fill_view(model_dir, staging)
+    (staging / _DONE_MARKER).touch()
+    try:
+        staging.rename(view)  # atomic: a view folder is complete or absent
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another process finished the same view first
+    if not (view / _DONE_MARKER).exists():
+        raise RuntimeError(f"could not build the vLLM view of {model_dir} in {view}")
+    return view
+
+
+def _fill_view(model_dir: Path, target_dir: Path) -> None:
     names = _all_tensor_names(model_dir)
     for source in sorted(model_dir.iterdir()):
-        target = staging / source.name
+        target = target_dir / source.name
         if source.suffix == ".safetensors":
             _write_renamed(source, target)
         elif source.name == _INDEX_NAME:
@@ -59,10 +71,6 @@ def prepare_model_dir(model_dir: Path | str, views_root: Path | str) -> Path:
             _write_tied_config(source, target)
         else:
             target.symlink_to(source)
-    (staging / _DONE_MARKER).touch()
-    shutil.rmtree(view, ignore_errors=True)
-    staging.rename(view)
-    return view
 
 
 def vllm_tensor_name(name: str) -> str:

@@ -3,8 +3,9 @@
 ``load_code_vocab(tokenizer_dir)`` reads the audio-code token ids from ``tokenizer.json``;
 ``build_code_constraint(vocab, spec, prompt_token_ids)`` allows only the codes
 ``[spec["first_code"], spec["first_code"] + spec["num_codes"])`` that do not occur in the prompt,
-and is finished after ``spec["length"]`` tokens. Both run inside vLLM's worker process, found by
-their import paths.
+and is finished after ``spec["length"]`` tokens. ``spec["fail_after"]``, when given, makes it raise
+after that many tokens (a failing constraint must end only its own request). Both run inside
+vLLM's worker process, found by their import paths.
 """
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ def load_code_vocab(tokenizer_dir: str) -> dict[str, Any]:
 
 
 class CodeConstraint:
-    def __init__(self, allowed: list[int], length: int) -> None:
+    def __init__(self, allowed: list[int], length: int, fail_after: int = -1) -> None:
         self.allowed = torch.tensor(allowed, dtype=torch.long)
         self.length = length
+        self.fail_after = fail_after
         self.num_seen = 0
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        if 0 <= self.fail_after <= self.num_seen:
+            raise RuntimeError("the test constraint fails on purpose")
         keep = logits[self.allowed].clone()
         logits.fill_(float("-inf"))
         logits[self.allowed] = keep
@@ -51,4 +55,4 @@ def build_code_constraint(vocab: dict[str, Any], spec: dict[str, Any], prompt_to
     first, count = int(spec["first_code"]), int(spec["num_codes"])
     in_prompt = set(prompt_token_ids)
     allowed = [t for t in vocab["code_ids"][first:first + count] if t not in in_prompt]
-    return CodeConstraint(allowed, int(spec["length"]))
+    return CodeConstraint(allowed, int(spec["length"]), int(spec.get("fail_after", -1)))

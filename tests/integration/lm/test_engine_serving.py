@@ -95,6 +95,22 @@ async def test_constraint_is_applied_after_guidance_and_matches_the_reference(vl
         assert got[request_id].token_ids == out.token_ids
 
 
+async def test_a_failing_constraint_fails_only_its_own_request(vllm_engine) -> None:
+    from shared.errors import Internal
+
+    vocab = vllm_engine.vocab_size
+    spec = {"first_code": 0, "num_codes": 50, "length": 100, "fail_after": 3}
+    ref = ConstraintRef(builder=constraint_fixtures.BUILDER, spec=spec, vocab_loader=constraint_fixtures.VOCAB_LOADER)
+    doomed = _guided("broken-fsm", 300, vocab, 20, constraint=ref, stop_token_ids=(5,))
+    healthy = _guided("healthy", 301, vocab, 20)
+    results = await asyncio.gather(finish(vllm_engine.submit(doomed)), finish(vllm_engine.submit(healthy)),
+                                   return_exceptions=True)
+    assert isinstance(results[0], Internal), results[0]
+    assert "guided pair error" in results[0].message
+    assert results[1].finish_reason == FinishReason.LENGTH and len(results[1].token_ids) == 20
+    await _wait_idle(vllm_engine)
+
+
 async def test_invalid_requests_are_refused_before_queueing(vllm_engine) -> None:
     from shared.errors import InvalidArgument
 

@@ -1,0 +1,89 @@
+"""Fixtures of the end-to-end tests: the whole stack as real processes on 127.0.0.1.
+
+One session-scoped stack (1 LM on vLLM CPU, 2 DiT replicas, the gateway) runs on tiny
+random-weight checkpoints written once per session. Its gateway refuses uploads above
+``MAX_AUDIO_BYTES``, so the upload limit is tested without a second gateway. Tests marked
+``destructive`` (they kill a replica) run after every other test of the session.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway import sdk
+from gateway.serve import LocalStack
+from shared import tiny_checkpoints
+from shared.audio import encode_audio
+from shared.constants import SAMPLE_RATE_HZ
+from shared.types import GenerationConfig
+from tests.e2e.helpers import quick_params
+
+E2E_DIR = Path(__file__).resolve().parent
+MAX_AUDIO_BYTES = 1_000_000
+SOURCE_SECONDS = 2.0
+# Health probes time out after max(1 s, interval): a CPU-starved replica on a 2-core machine can
+# miss a 1 s probe and look down for a moment; 3 s keeps the single LM replica from flapping.
+GATEWAY_ARGS = ["--max-audio-bytes", str(MAX_AUDIO_BYTES), "--health-interval-s", "3"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "destructive: kills part of the session stack; runs last")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every e2e test is slow and needs the LM engine; destructive ones move to the end."""
+    ours = [item for item in items if E2E_DIR in Path(str(item.fspath)).resolve().parents]
+    for item in ours:
+        item.add_marker(pytest.mark.slow)
+        item.add_marker(pytest.mark.vllm)
+    last = [item for item in ours if item.get_closest_marker("destructive")]
+    items[:] = [item for item in items if item not in last] + last
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tiny-checkpoints")
+    notes = tiny_checkpoints.write_all(root, seed=0)
+    missing = {folder: note for folder, note in notes.items() if note}
+    if missing:
+        pytest.fail(f"tiny checkpoints incomplete: {missing}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def stack(checkpoints: Path, tmp_path_factory: pytest.TempPathFactory):
+    local = LocalStack(checkpoints, num_dit=2, num_lm=1, gateway_args=GATEWAY_ARGS, drain_grace_s=2.0,
+                       extra_env={"TOKENIZERS_PARALLELISM": "false"}, workdir=tmp_path_factory.mktemp("stack"))
+    try:
+        local.start(timeout_s=300)
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.fixture(scope="session")
+def address(stack: LocalStack) -> str:
+    return stack.services["gateway"].address
+
+
+@pytest.fixture(scope="session")
+def client(address: str):
+    connection = sdk.AceStepClient(address)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture(scope="session")
+def stub(client: sdk.AceStepClient):
+    return client.stub()
+
+
+@pytest.fixture(scope="session")
+def source_wav(client: sdk.AceStepClient) -> bytes:
+    """``SOURCE_SECONDS`` of generated audio as WAV bytes (short: VAE encoding on CPU is slow)."""
+    result = sdk.generate_music(client, quick_params(), GenerationConfig(batch_size=1, seeds=[7], audio_format="wav"))
+    assert result.success, result.error
+    waveform = result.audios[0].tensor.numpy()  # [2, S]
+    return encode_audio(waveform[:, : int(SOURCE_SECONDS * SAMPLE_RATE_HZ)], "wav")

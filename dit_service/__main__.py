@@ -19,9 +19,9 @@ from dit_service.pipeline import DitPipeline
 from dit_service.servicer import DitServicer
 from dit_service.vae import EncodeMode
 from shared.config import add_server_flags, env_default, server_config_from_args
-from shared.grpc_server import GrpcServer, ServiceBinding, write_port_file
+from shared.grpc_server import GrpcServer, ServiceBinding, run_service, write_port_file
 from shared.pb.acestep.dit.v1 import dit_pb2_grpc
-from shared.telemetry import setup_logging, setup_tracing
+from shared.telemetry import setup_tracing
 
 log = logging.getLogger("dit_service")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -82,10 +82,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    setup_logging(args.log_level, args.log_json)
-    asyncio.run(serve(args))
-    return 0
+    return run_service(parse_args, serve, argv)
 
 
 if __name__ == "__main__":

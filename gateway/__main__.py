@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from pathlib import Path
@@ -17,11 +16,11 @@ from gateway.passthrough import LmPassthrough
 from gateway.servicer import GatewayServicer
 from gateway.upstream import ReplicaPool
 from shared.config import add_server_flags, env_default, optional_env, server_config_from_args
-from shared.grpc_server import GrpcServer, ServiceBinding, write_port_file
+from shared.grpc_server import GrpcServer, ServiceBinding, run_service, write_port_file
 from shared.pb.acestep.dit.v1 import dit_pb2_grpc
 from shared.pb.acestep.gateway.v1 import gateway_pb2_grpc
 from shared.pb.acestep.lm.v1 import lm_pb2_grpc
-from shared.telemetry import setup_logging, setup_tracing
+from shared.telemetry import setup_tracing
 
 log = logging.getLogger("gateway")
 
@@ -87,10 +86,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    setup_logging(args.log_level, args.log_json)
-    asyncio.run(serve(args))
-    return 0
+    return run_service(parse_args, serve, argv)
 
 
 if __name__ == "__main__":

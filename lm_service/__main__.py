@@ -21,9 +21,9 @@ from lm_service.servicer import LmServicer
 from lm_service.tasks import LmTasks
 from shared import metrics
 from shared.config import add_server_flags, env_default, export_for_workers, server_config_from_args
-from shared.grpc_server import GrpcServer, ServiceBinding, write_port_file
+from shared.grpc_server import GrpcServer, ServiceBinding, run_service, write_port_file
 from shared.pb.acestep.lm.v1 import lm_pb2_grpc
-from shared.telemetry import setup_logging, setup_tracing
+from shared.telemetry import setup_tracing
 
 log = logging.getLogger("lm_service")
 
@@ -116,10 +116,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    setup_logging(args.log_level, args.log_json)
-    asyncio.run(serve(args))
-    return 0
+    return run_service(parse_args, serve, argv)
 
 
 if __name__ == "__main__":

@@ -291,3 +291,14 @@ def read_port_file(path: Path) -> tuple[int, Optional[int]]:
     lines = path.read_text().splitlines()
     metrics_port = int(lines[1]) if len(lines) > 1 and lines[1].strip() else None
     return int(lines[0]), metrics_port
+
+
+def run_service(parse_args: Callable[[Optional[list[str]]], Any], serve: Callable[[Any], Any],
+                argv: Optional[list[str]] = None) -> int:
+    """The ``main`` of every service: flags → logging → serve until drained."""
+    from shared.telemetry import setup_logging
+
+    args = parse_args(argv)
+    setup_logging(args.log_level, args.log_json)
+    asyncio.run(serve(args))
+    return 0

@@ -25,7 +25,6 @@ a trained model writes (the reference lets such tokens corrupt the block):
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from enum import Enum
 

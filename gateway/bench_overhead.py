@@ -4,8 +4,9 @@ Starts one DiT replica, the gateway and (unless ``--no-lm``) one LM on 127.0.0.1
 same synthesis -- text2music with thinking off, one item, a fixed seed, WAV -- made directly to
 the DiT's ``Synthesize`` and through the gateway's ``Generate``, alternating, after one warm-up
 call each. Both clients read the whole stream (progress, file chunks, result); the difference of
-the medians is the gateway's overhead (validation, admission, replica pick, one more hop for
-every event). With the LM it also times one full request (LM planning, then the DiT) end to end.
+the medians (and of the minimums, less sensitive to a busy host) is the gateway's overhead:
+validation, admission, the replica pick and one more hop for every event. With the LM it also
+times a few full requests (LM planning, then the DiT) end to end.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from gateway import sdk
+from shared.constants import SAMPLE_RATE_HZ
 from shared.pb.acestep.common.v1 import common_pb2
 from shared.types import GenerationConfig, GenerationParams
 from tests.e2e.helpers import cpu_used, dits, live_dits, lms, metric, quick_params, rpc_count, rpc_error, wait_until
@@ -123,7 +124,7 @@ def test_killed_dit_replica_is_skipped(client, stack) -> None:
     for _ in range(2):  # at once (a retry moves it) and after the health check noticed
         result = sdk.generate_music(client, quick_params(), config)
         assert result.success, result.error
-        assert result.audios[0].tensor.shape[-1] == 10 * 48_000
+        assert result.audios[0].tensor.shape[-1] == 10 * SAMPLE_RATE_HZ
     assert rpc_count([survivor], "Synthesize", "OK") == served_before + 2
     wait_until(lambda: metric([gateway], "acestep_gateway_backend_healthy", backend="dit", target=victim.address),
                lambda value: value == 0, STOP_WITHIN_S, "killed replica marked unhealthy")

@@ -26,6 +26,7 @@ from shared.pb.acestep.common.v1 import common_pb2
 from shared.pb.acestep.dit.v1 import dit_pb2
 from shared.pb.acestep.gateway.v1 import gateway_pb2 as gw
 from shared.pb.acestep.lm.v1 import lm_pb2
+from shared.telemetry import StageSpans
 from shared.types import GenerationParams
 from shared.validation import validate_generation
 
@@ -126,10 +127,16 @@ class Orchestrator:
         request_id = request.request_id or uuid.uuid4().hex
         yield gw.GenerateEvent(accepted=gw.Accepted(request_id=request_id,
                                                     queue_position=self.admission.queue_position()))
-        async with self.admission.slot():
-            run = _GenerateRun(self, request_id, params, config, request, deadline)
-            async for event in run.events():
-                yield event
+        spans = StageSpans(__name__, "gateway")
+        spans.enter("admission")
+        try:
+            async with self.admission.slot():
+                run = _GenerateRun(self, request_id, params, config, request, deadline)
+                async for event in run.events():
+                    spans.enter(_span_stage(event))
+                    yield event
+        finally:
+            spans.close()
 
 
 class _GenerateRun:
@@ -248,6 +255,16 @@ def _without_uploads(params: GenerationParams) -> GenerationParams:
     import dataclasses
 
     return dataclasses.replace(params, src_audio=None, reference_audio=None)
+
+
+def _span_stage(event: gw.GenerateEvent) -> str:
+    """The gateway's own stage spans: admission, then the LM plan, then the DiT synthesis."""
+    kind = event.WhichOneof("event")
+    if kind == "progress" and event.progress.stage in (common_pb2.STAGE_LM_METADATA, common_pb2.STAGE_LM_CODES):
+        return "lm_plan"
+    if kind == "lm_result":
+        return "lm_plan"
+    return "dit_synthesis"
 
 
 def stage_of(error: AceStepError) -> str:

@@ -6,12 +6,13 @@ import contextlib
 from typing import AsyncIterator, Iterator
 
 from lm_service import convert as lm_convert
-from lm_service.plan import Planner
+from lm_service.plan import Planner, PlanProgress
 from lm_service.tasks import LmTasks
 from shared import convert, metrics
 from shared.errors import ResourceExhausted
 from shared.pb.acestep.common.v1 import common_pb2
 from shared.pb.acestep.lm.v1 import lm_pb2, lm_pb2_grpc
+from shared.telemetry import StageSpans
 from shared.types import CreateSampleParams, FormatSampleParams, UnderstandParams
 from shared.validation import validate_create_sample, validate_format_sample, validate_understand
 
@@ -40,9 +41,15 @@ class LmServicer(lm_pb2_grpc.LmServiceServicer):
 
     async def Plan(self, request: lm_pb2.PlanRequest, context) -> AsyncIterator[lm_pb2.PlanEvent]:
         plan = lm_convert.plan_input(request)
+        spans = StageSpans(__name__, "lm")
         with self._admit():
-            async for event in self.planner.plan(plan):
-                yield lm_convert.plan_event(event)
+            try:
+                async for event in self.planner.plan(plan):
+                    if isinstance(event, PlanProgress):
+                        spans.enter("phase1_metadata" if event.stage == "lm_metadata" else "phase2_codes")
+                    yield lm_convert.plan_event(event)
+            finally:
+                spans.close()
 
     async def Understand(self, request: lm_pb2.UnderstandRequest, context) -> lm_pb2.UnderstandResponse:
         params = convert.simple_from_pb(request.params, UnderstandParams)

@@ -66,3 +66,31 @@ def setup_tracing(service_name: str, otlp_endpoint: str = "",
 
 def tracer(name: str) -> trace.Tracer:
     return trace.get_tracer(name)
+
+
+class StageSpans:
+    """One child span per pipeline stage under the span current at construction (the RPC's
+    server span), opened and closed as a request's event stream moves from stage to stage."""
+
+    def __init__(self, tracer_name: str, prefix: str) -> None:
+        from opentelemetry import context
+
+        self._tracer = trace.get_tracer(tracer_name)
+        self._parent = context.get_current()
+        self._prefix = prefix
+        self._stage: Optional[str] = None
+        self._span: Optional[trace.Span] = None
+
+    def enter(self, stage: str) -> None:
+        """Start ``stage`` (ending the previous one); repeated calls for the same stage are free."""
+        if stage == self._stage:
+            return
+        self.close()
+        self._stage = stage
+        self._span = self._tracer.start_span(f"{self._prefix}.{stage}", context=self._parent)
+
+    def close(self) -> None:
+        if self._span is not None:
+            self._span.end()
+        self._span = None
+        self._stage = None

@@ -23,6 +23,14 @@ class Admission:
         """How many requests a new arrival would wait behind (0: it starts at once)."""
         return len(self._waiting) if self.active >= self.max_active else 0
 
+    def check_capacity(self) -> None:
+        """Refuse at once (before the request is acknowledged) when the line is already full."""
+        if self.active >= self.max_active and len(self._waiting) >= self.max_queued:
+            metrics.GATEWAY_REJECTED.inc()
+            raise ResourceExhausted(
+                f"gateway is at capacity ({self.active} running, {len(self._waiting)} queued, "
+                f"limit {self.max_active} + {self.max_queued}); retry later")
+
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Hold one active slot for the body; waits in line or refuses when the line is full."""

@@ -32,6 +32,7 @@ from shared.validation import validate_generation
 
 log = logging.getLogger(__name__)
 Deadline = Callable[[], Optional[float]]
+MAX_REQUEST_ID_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,10 @@ class Orchestrator:
         params = convert.params_from_pb(request.params)
         config = convert.config_from_pb(request.config)
         validate_generation(params, config)
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidArgument(f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters, "
+                                  f"got {len(request.request_id)}", field="request_id")
+        self.admission.check_capacity()
         request_id = request.request_id or uuid.uuid4().hex
         yield gw.GenerateEvent(accepted=gw.Accepted(request_id=request_id,
                                                     queue_position=self.admission.queue_position()))

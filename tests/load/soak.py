@@ -242,7 +242,9 @@ def run_soak(args: argparse.Namespace, checkpoints: Path) -> LoadReport:
     shape = LoadShape(concurrency=args.concurrency, max_requests=args.max_requests, duration_s=args.duration_s,
                       song_s=args.song_s, thinking_every=args.thinking_every, timeout_s=args.timeout_s)
     gateway_args = ["--max-active", str(args.max_active), "--max-queued", str(args.max_queued)]
-    with LocalStack(checkpoints, num_dit=args.num_dit, num_lm=args.num_lm, gateway_args=gateway_args) as stack:
+    with tempfile.TemporaryDirectory(prefix="soak-stack-") as workdir, \
+            LocalStack(checkpoints, num_dit=args.num_dit, num_lm=args.num_lm, gateway_args=gateway_args,
+                       workdir=Path(workdir)) as stack:
         started = time.perf_counter()
         address = stack.start()
         print(f"stack up in {time.perf_counter() - started:.1f} s ({args.num_lm} LM, {args.num_dit} DiT, "

@@ -159,10 +159,17 @@ class Vae:
             if not rows:
                 return
             z = latents[rows, window.start : window.end].transpose(1, 2)  # [b, C, n]
-            audio = self.model.decode(z.to(device=self.device, dtype=self.dtype)).sample  # [b, 2, n * hop]
+            audio = self._decode_rows(z.to(device=self.device, dtype=self.dtype))  # [b, 2, n * hop]
             keep_from = (window.core_start - window.start) * hop
             keep_to = keep_from + (window.core_end - window.core_start) * hop
             yield AudioTile(window.core_start * hop, tuple(rows), audio[:, :, keep_from:keep_to].float().cpu())
+
+    def _decode_rows(self, z: Tensor) -> Tensor:
+        """``z [b, C, n]`` → ``[b, 2, n * hop]``. On the CPU row by row: the decoder's full-rate
+        layers outgrow the caches, and one row at a time measured ~3x faster at b = 4 than one call."""
+        if torch.device(self.device).type != "cpu" or z.shape[0] == 1:
+            return self.model.decode(z).sample
+        return torch.cat([self.model.decode(z[i : i + 1]).sample for i in range(z.shape[0])])
 
     def decode(self, latents: Tensor) -> Tensor:
         """The whole waveform ``[B, 2, T * hop]`` (float32, CPU) of ``latents [B, T, C]``."""

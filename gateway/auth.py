@@ -7,6 +7,8 @@ from typing import Any, Callable, Iterable
 
 import grpc
 
+from shared.grpc_server import refusing_handler
+
 PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
 
@@ -33,17 +35,4 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(details)
         handler = await continuation(details)
         message = "missing or invalid API key (send metadata 'x-api-key' or 'authorization: Bearer <key>')"
-
-        async def deny_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-        async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-            yield  # pragma: no cover - makes this an async generator
-
-        if handler is not None and handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(deny_stream, handler.request_deserializer,
-                                                        handler.response_serializer)
-        deserializer = handler.request_deserializer if handler is not None else None
-        serializer = handler.response_serializer if handler is not None else None
-        return grpc.unary_unary_rpc_method_handler(deny_unary, deserializer, serializer)
+        return refusing_handler(handler, grpc.StatusCode.UNAUTHENTICATED, message)

@@ -177,13 +177,38 @@ def _check_parsed(request: Any) -> None:
         raise InvalidArgument(f"the request is not a valid message: {request.reason}")
 
 
+def refusing_handler(handler: Any, code: grpc.StatusCode, message: str) -> Any:
+    """A handler of the same shape as ``handler`` that answers every call with ``code``."""
+
+    async def refuse_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(code, message, error_metadata(code, message))
+
+    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(code, message, error_metadata(code, message))
+        yield  # pragma: no cover - makes this an async generator
+
+    deserializer = handler.request_deserializer if handler is not None else None
+    serializer = handler.response_serializer if handler is not None else None
+    if handler is not None and handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream, deserializer, serializer)
+    return grpc.unary_unary_rpc_method_handler(refuse_unary, deserializer, serializer)
+
+
 class ErrorMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Typed errors → status codes, unexpected errors → INTERNAL (logged, no traceback sent)."""
+    """Typed errors → status codes, unexpected errors → INTERNAL (logged, no traceback sent).
+    While draining, new calls are refused with UNAVAILABLE (clients retry another replica)."""
+
+    def __init__(self, service_name: str = "server") -> None:
+        self.service_name = service_name
+        self.draining = False
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         if handler is None or details.method.startswith("/grpc."):
             return handler
+        if self.draining:
+            return refusing_handler(handler, grpc.StatusCode.UNAVAILABLE,
+                                    f"{self.service_name} is draining; retry on another replica")
         service, _, method = details.method.lstrip("/").rpartition("/")
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
@@ -220,7 +245,8 @@ class GrpcServer:
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        interceptors = [*_tracing_interceptors(), *extra_interceptors, ErrorMetricsInterceptor()]
+        self.errors = ErrorMetricsInterceptor(config.service_name)
+        interceptors = [*_tracing_interceptors(), *extra_interceptors, self.errors]
         self.server = grpc.aio.server(interceptors=interceptors,
                                       options=options)
         self.health = health.aio.HealthServicer()
@@ -262,6 +288,7 @@ class GrpcServer:
         """Report NOT_SERVING, refuse new RPCs, let in-flight ones finish within the grace period."""
         grace = self.config.drain_grace_s if grace_s is None else grace_s
         log.info("draining %s (grace %.1f s)", self.config.service_name, grace)
+        self.errors.draining = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         self._stopped.set()

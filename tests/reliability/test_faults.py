@@ -81,7 +81,13 @@ async def test_dit_killed_after_output_fails_with_the_stage_named(fleet: Fleet, 
     streams = [Stream(gateway.address, r, pause_after_output=True) for r in requests]
     await asyncio.wait_for(asyncio.gather(*(s.first_output.wait() for s in streams)), 120.0)
     await asyncio.sleep(1.0)
-    assert in_flight(victim, "Synthesize") == 1, "precondition: the victim still holds its request"
+    if in_flight(victim, "Synthesize") != 1:
+        # The scenario needs the victim to be mid-answer at the kill; on a saturated host its whole
+        # answer can fit in the transport buffers and finish first. Then there is nothing to test.
+        for stream in streams:
+            stream.resume.set()
+        await asyncio.gather(*(stream.outcome() for stream in streams))
+        pytest.skip("precondition not met: the victim finished its answer before the kill")
     kill_hard(victim)
     for stream in streams:
         stream.resume.set()

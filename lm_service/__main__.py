@@ -42,6 +42,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="requests in flight beyond which new ones get RESOURCE_EXHAUSTED")
     parser.add_argument("--max-duration-s", type=int, default=env_default("lm_max_duration_s", 600, int),
                         help="largest duration the constrained CoT may plan")
+    parser.add_argument("--lm-strict-cot", action="store_true", default=env_default("lm_strict_cot", False, bool),
+                        help="tightened CoT decoding rules instead of the reference's (see metadata_fsm.py)")
+    parser.add_argument("--genres-vocab", default=env_default("lm_genres_vocab", ""),
+                        help="genre vocabulary file, 'builtin' (packaged list) or 'none'; default: the "
+                             "checkpoint's genres_vocab.txt when present, else none (free-text genres)")
     add_server_flags(parser, default_port=50051)
     return parser.parse_args(argv)
 
@@ -94,12 +99,14 @@ async def serve(args: argparse.Namespace) -> None:
     setup_tracing(config.service_name, config.otlp_endpoint)
     engine_cfg = engine_config(args)
     export_for_workers("lm_max_duration_s", args.max_duration_s)  # read inside the engine workers
+    export_for_workers("lm_genres_vocab", args.genres_vocab)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(engine_cfg.model_dir))
     engine = build_engine(engine_cfg, args.backend)
     runtime = LmRuntime(engine, tokenizer, tokenizer.chat_template or default_chat_template(), args.max_model_len)
-    servicer = LmServicer(Planner(runtime), LmTasks(runtime), args.max_pending)
+    servicer = LmServicer(Planner(runtime, args.lm_strict_cot), LmTasks(runtime, args.lm_strict_cot),
+                          args.max_pending)
     binding = ServiceBinding(lm_pb2_grpc.add_LmServiceServicer_to_server, servicer, "acestep.lm.v1.LmService")
     server = GrpcServer(config, [binding])
     port = await server.start()

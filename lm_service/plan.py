@@ -1,14 +1,13 @@
 """Planning a song: phase 1 (metadata chain-of-thought) then phase 2 (audio codes per item).
 
-Mirrors the reference's ``generate_with_stop_condition``: phase 1 runs unless the user fixed
-bpm, keyscale, timesignature and duration (or ``use_cot_metas`` is off); user values are forced
-token by token; phase 2 renders the CoT back into the codes prompt and generates one code
-sequence per item, all items at once so the engine batches them. Both phases use LM CFG when
-``lm_cfg_scale > 1``.
-
-One deliberate difference: when the user left the duration automatic, phase 2 targets the
-duration the LM planned in phase 1 (the reference lets the LM stop on its own, which can run to
-the model length); a user-given duration always wins.
+Follows the reference's ``generate_with_stop_condition`` (checked token for token by the LM
+generation vectors, ``../golden/lm``): phase 1 runs unless the user fixed bpm, keyscale,
+timesignature and duration (or ``use_cot_metas`` is off), always without guidance; user values are
+forced verbatim, token by token; phase 2 renders the CoT back into the codes prompt and generates
+one code sequence per item with LM CFG when ``lm_cfg_scale > 1``, all items at once so the engine
+batches them. The code target is ``int(duration * 5)`` for the user's duration, else for the
+duration the CoT planned, else none (the model ends the codes). Token budgets are the reference's
+``max_new_tokens``.
 """
 
 from __future__ import annotations
@@ -21,22 +20,28 @@ from typing import AsyncIterator, Optional, Union
 from lm_service.constraints.spec import ConstraintSpec
 from lm_service.cot import build_user_metadata, format_metadata_as_cot, has_all_metas
 from lm_service.output_parser import parse_lm_output
-from lm_service.prompts import codes_prompt, codes_unconditional_prompt, cot_prompt, cot_unconditional_prompt
+from lm_service.prompts import codes_prompt, codes_unconditional_prompt, cot_prompt
 from lm_service.runtime import LmRuntime, SamplingInput
+from lm_service.engine.config import DEFAULT_MAX_MODEL_LEN
+from lm_service.runtime import MODEL_LEN_HEADROOM
+from shared.config import env_default
 from shared.constants import CODES_PER_SECOND, DURATION_MAX_S, DURATION_MIN_S
 from shared.types import GenerationParams, MusicMetadata
-from shared.validation import normalize_keyscale, normalize_timesignature
 
 CODES_PHASE_BUFFER = 10
+COT_PHASE_BUFFER = 500
 
 
 @dataclass(frozen=True)
 class PlanInput:
+    """One plan. ``repetition_penalty`` is the reference handler's argument (not in the public API)."""
+
     request_id: str
     params: GenerationParams
     seeds: tuple[int, ...]
     need_codes: bool = True
     debug: bool = False
+    repetition_penalty: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class PlanMetadata:
     metadata: MusicMetadata
     cot_text: str
     phase1_skipped: bool
+    values: dict = field(default_factory=dict)  # the parsed CoT fields (user values win), as the reference returns them
 
 
 @dataclass(frozen=True)
@@ -69,16 +75,37 @@ PlanEvent = Union[PlanProgress, PlanMetadata, PlanCodes, PlanDone]
 
 
 def user_metas(params: GenerationParams) -> dict:
+    """The user's metadata as the reference injects it: verbatim (``"Am"``, ``"C Major"``, ``"3/4"``)."""
     return build_user_metadata(
-        bpm=params.bpm, keyscale=normalize_keyscale(params.keyscale),
-        timesignature=normalize_timesignature(params.timesignature),
+        bpm=params.bpm, keyscale=params.keyscale, timesignature=params.timesignature,
         duration_s=params.duration if params.duration > 0 else None)
 
 
-def sampling(params: GenerationParams, seed: Optional[int]) -> SamplingInput:
+def sampling(params: GenerationParams, seed: Optional[int], cfg_scale: float,
+             repetition_penalty: float = 1.0) -> SamplingInput:
     top_p = params.lm_top_p if 0.0 < params.lm_top_p < 1.0 else 1.0
     return SamplingInput(temperature=params.lm_temperature, top_k=params.lm_top_k, top_p=top_p,
-                         cfg_scale=params.lm_cfg_scale, seed=seed)
+                         repetition_penalty=repetition_penalty, cfg_scale=cfg_scale, seed=seed)
+
+
+def max_new_tokens(target_duration: Optional[float], phase: str, max_model_len: int = DEFAULT_MAX_MODEL_LEN,
+                   max_duration_s: Optional[float] = None) -> int:
+    """The reference's token budget of one LM call: with a positive target duration
+    ``int(clamp(d, 10, max) * 5)`` plus 10 (codes phase) or 500 (other phases); without one
+    ``min(max_model_len, 600 * 5 + 500)``; never more than ``max_model_len - 64``."""
+    cap = max_model_len - MODEL_LEN_HEADROOM
+    if target_duration is not None and target_duration > 0:
+        limit = max_duration_s if max_duration_s is not None else lm_max_duration_s()
+        codes = int(min(max(target_duration, DURATION_MIN_S), limit) * CODES_PER_SECOND)
+        wanted = codes + (CODES_PHASE_BUFFER if phase == "codes" else COT_PHASE_BUFFER)
+    else:
+        wanted = min(max_model_len, int(DURATION_MAX_S) * CODES_PER_SECOND + COT_PHASE_BUFFER)
+    return min(wanted, cap)
+
+
+def lm_max_duration_s() -> float:
+    """The longest duration the LM plans (the reference's GPU-tier ``max_duration_with_lm``)."""
+    return float(env_default("lm_max_duration_s", int(DURATION_MAX_S), int))
 
 
 def to_music_metadata(values: dict, lyrics: str = "") -> MusicMetadata:
@@ -97,16 +124,21 @@ def to_music_metadata(values: dict, lyrics: str = "") -> MusicMetadata:
         genres=[g.strip() for g in str(genres).split(",") if g.strip()] if genres else [])
 
 
+def target_duration(params: GenerationParams, planned: dict) -> Optional[float]:
+    """The user's duration, else the one the CoT planned (the reference's ``target_duration``)."""
+    if params.duration > 0:
+        return float(params.duration)
+    try:
+        duration = float(planned.get("duration"))
+    except (TypeError, ValueError):
+        return None
+    return duration if duration > 0 else None
+
+
 def target_codes(params: GenerationParams, planned: dict) -> Optional[int]:
-    """int(duration * 5): the user's duration, else the planned one (clamped to the valid range)."""
-    duration = params.duration if params.duration > 0 else None
-    if duration is None:
-        try:
-            duration = float(planned.get("duration"))
-        except (TypeError, ValueError):
-            return None
-    duration = min(max(duration, DURATION_MIN_S), DURATION_MAX_S)
-    return int(duration * CODES_PER_SECOND)
+    """``int(target_duration * 5)``, or None without a target."""
+    duration = target_duration(params, planned)
+    return None if duration is None else int(duration * CODES_PER_SECOND)
 
 
 async def pump(work, queue: asyncio.Queue) -> AsyncIterator:
@@ -130,8 +162,11 @@ async def pump(work, queue: asyncio.Queue) -> AsyncIterator:
 
 
 class Planner:
-    def __init__(self, runtime: LmRuntime) -> None:
+    """``strict_cot``: the tightened CoT rules of ``metadata_fsm`` (``--lm-strict-cot``)."""
+
+    def __init__(self, runtime: LmRuntime, strict_cot: bool = False) -> None:
         self.runtime = runtime
+        self.strict_cot = strict_cot
 
     async def plan(self, plan: PlanInput) -> AsyncIterator[PlanEvent]:
         started = time.perf_counter()
@@ -143,11 +178,14 @@ class Planner:
         if not skipped:
             t0 = time.perf_counter()
             queue: asyncio.Queue = asyncio.Queue()
+            metadata = {}
             async for event in pump(self._phase1(plan, user, queue, metadata), queue):
                 yield event
             costs["phase1_time"] = time.perf_counter() - t0
         cot_text = format_metadata_as_cot(metadata)
-        yield PlanMetadata(to_music_metadata(metadata), cot_text, skipped)
+        # What the CoT holds drives phase 2, as in the reference (a user value the CoT jumped over is
+        # absent there); the metadata handed on keeps every user value.
+        yield PlanMetadata(to_music_metadata({**metadata, **user}), cot_text, skipped, dict(metadata))
         if plan.need_codes:
             t0 = time.perf_counter()
             queue = asyncio.Queue()
@@ -158,31 +196,36 @@ class Planner:
         yield PlanDone(costs)
 
     async def _phase1(self, plan: PlanInput, user: dict, queue: asyncio.Queue, metadata: dict) -> None:
-        """Fills ``metadata`` with the planned values (user values win)."""
+        """Fills ``metadata`` with the fields the CoT holds (user values are in it where injected)."""
         params = plan.params
         spec = ConstraintSpec(phase="cot", stop_at_reasoning=True, skip_genres=True,
                               skip_caption=not params.use_cot_caption, skip_language=not params.use_cot_language,
-                              user_metadata=user, debug=plan.debug) if params.use_constrained_decoding else None
+                              user_metadata=user, strict=self.strict_cot,
+                              debug=plan.debug) if params.use_constrained_decoding else None
+        seed = plan.seeds[0] if plan.seeds else None
         request = self.runtime.request(
-            cot_prompt(params.caption, params.lyrics), spec, sampling(params, plan.seeds[0] if plan.seeds else None),
-            max_new_tokens=1024, uncond=cot_unconditional_prompt(params.lyrics, params.lm_negative_prompt),
+            cot_prompt(params.caption, params.lyrics), spec,
+            sampling(params, seed, cfg_scale=1.0, repetition_penalty=plan.repetition_penalty),
+            max_new_tokens=max_new_tokens(None, "cot", self.runtime.max_model_len),
             request_id=f"{plan.request_id}:cot")
         output = await self.runtime.run(request, lambda n: queue.put_nowait(PlanProgress("lm_metadata", n, 0)))
-        metadata.update({**parse_lm_output(output.text).metadata, **user})
+        metadata.update(parse_lm_output(output.text).metadata)
 
     async def _phase2(self, plan: PlanInput, metadata: dict, cot_text: str, queue: asyncio.Queue) -> None:
         """One code sequence per item, submitted together so the engine batches them."""
         params = plan.params
+        duration = target_duration(params, metadata)
         target = target_codes(params, metadata)
         spec = ConstraintSpec(phase="codes", skip_genres=True, skip_caption=True, skip_language=True,
                               target_codes=target, debug=plan.debug) if params.use_constrained_decoding else None
         prompt = codes_prompt(params.caption, params.lyrics, cot_text)
         uncond = codes_unconditional_prompt(params.caption, params.lyrics, params.lm_negative_prompt)
-        budget = (target + CODES_PHASE_BUFFER) if target else None
+        budget = max_new_tokens(duration, "codes", self.runtime.max_model_len)
 
         async def one(index: int, seed: int) -> None:
-            request = self.runtime.request(prompt, spec, sampling(params, seed), budget, uncond,
-                                           request_id=f"{plan.request_id}:codes:{index}")
+            request = self.runtime.request(
+                prompt, spec, sampling(params, seed, params.lm_cfg_scale, plan.repetition_penalty), budget, uncond,
+                request_id=f"{plan.request_id}:codes:{index}")
             progress = lambda n: queue.put_nowait(PlanProgress("lm_codes", n, target or 0))  # noqa: E731
             output = await self.runtime.run(request, progress)
             queue.put_nowait(PlanCodes(index, tuple(self.runtime.codes_of(output.token_ids)), output.seed))

@@ -8,6 +8,7 @@ and decodes the result. The engine is either backend (vLLM or transformers); bot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from dataclasses import asdict, dataclass
@@ -51,6 +52,19 @@ class GenerationOutput:
     duration_s: float
 
 
+@dataclass(frozen=True)
+class LmCall:
+    """One finished engine call as the runtime saw it (for observers: conformance, debugging)."""
+
+    request: LmGenerateRequest
+    prompt: str
+    uncond_prompt: Optional[str]
+    output: GenerationOutput
+
+
+Observer = Callable[[LmCall], None]
+
+
 class LmRuntime:
     def __init__(self, engine: Engine, tokenizer: Any, chat_template: str, max_model_len: int) -> None:
         self.engine = engine
@@ -58,13 +72,25 @@ class LmRuntime:
         self.chat_template = chat_template
         self.max_model_len = max_model_len
         self.eos_id = int(tokenizer.eos_token_id)
+        self.pad_id = tokenizer.pad_token_id
+        self.observers: list[Observer] = []
+        self._texts: dict[str, tuple[str, Optional[str]]] = {}
         self.code_start_id = int(tokenizer.convert_tokens_to_ids("<|audio_code_0|>"))
         if self.code_start_id == tokenizer.unk_token_id or self.code_start_id < 0:
             raise Internal("the LM tokenizer has no <|audio_code_0|> token")
 
     def encode_prompt(self, prompt: ChatPrompt) -> tuple[int, ...]:
-        text = prompt.render(self.chat_template)
+        return self._encode(prompt.render(self.chat_template))
+
+    def _encode(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def stop_ids(self, constrained: bool, guided: bool) -> tuple[int, ...]:
+        """The reference's own decoding loops (constrained or guided) stop on EOS or the pad token;
+        plain unguided, unconstrained generation (transformers ``generate``) on EOS only."""
+        if (constrained or guided) and self.pad_id is not None and int(self.pad_id) != self.eos_id:
+            return (self.eos_id, int(self.pad_id))
+        return (self.eos_id,)
 
     def budget(self, prompt_len: int, wanted: Optional[int]) -> int:
         """``wanted`` new tokens capped by the model length (with the reference's headroom)."""
@@ -76,34 +102,52 @@ class LmRuntime:
     def request(self, prompt: ChatPrompt, spec: Optional[ConstraintSpec], sampling: SamplingInput,
                 max_new_tokens: Optional[int], uncond: Optional[ChatPrompt] = None,
                 request_id: str = "") -> LmGenerateRequest:
-        ids = self.encode_prompt(prompt)
-        uncond_ids = self.encode_prompt(uncond) if uncond is not None and sampling.cfg_scale > 1.0 else None
+        text = prompt.render(self.chat_template)
+        uncond_text = uncond.render(self.chat_template) if uncond is not None and sampling.cfg_scale > 1.0 else None
+        ids = self._encode(text)
+        uncond_ids = self._encode(uncond_text) if uncond_text is not None else None
         longest = max(len(ids), len(uncond_ids or ()))
         constraint = None
         if spec is not None:
             constraint = ConstraintRef(CONSTRAINT_BUILDER, _spec_to_wire(spec), VOCAB_LOADER)
+        request_id = request_id or uuid.uuid4().hex
+        if self.observers:
+            self._texts[request_id] = (text, uncond_text)
         return LmGenerateRequest(
-            request_id=request_id or uuid.uuid4().hex, prompt_token_ids=ids,
+            request_id=request_id, prompt_token_ids=ids,
             max_tokens=self.budget(longest, max_new_tokens), uncond_prompt_token_ids=uncond_ids,
             cfg_scale=sampling.cfg_scale if uncond_ids else 1.0, temperature=sampling.temperature,
             top_k=sampling.top_k, top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty,
-            seed=sampling.seed, stop_token_ids=(self.eos_id,), constraint=constraint)
+            seed=sampling.seed, stop_token_ids=self.stop_ids(constraint is not None, uncond_ids is not None),
+            constraint=constraint)
 
     async def run(self, request: LmGenerateRequest,
                   on_progress: Optional[Callable[[int], None]] = None) -> GenerationOutput:
         """Run to completion; ``on_progress(num_tokens)`` as tokens arrive. Cancelling the caller
         aborts the request (both CFG sequences) in the engine."""
         try:
-            async for event in self.engine.submit(request):
-                if isinstance(event, LmProgress) and on_progress is not None:
-                    on_progress(len(event.token_ids))
-                elif isinstance(event, LmFinished):
-                    text = self.tokenizer.decode(list(event.token_ids), skip_special_tokens=False)
-                    return GenerationOutput(tuple(event.token_ids), text, event.seed, event.duration_s)
+            async with contextlib.aclosing(self.engine.submit(request)) as events:
+                async for event in events:
+                    if isinstance(event, LmProgress) and on_progress is not None:
+                        on_progress(len(event.token_ids))
+                    elif isinstance(event, LmFinished):
+                        text = self.tokenizer.decode(list(event.token_ids), skip_special_tokens=False)
+                        output = GenerationOutput(tuple(event.token_ids), text, event.seed, event.duration_s)
+                        self._notify(request, output)
+                        return output
         except asyncio.CancelledError:
             await self.engine.abort(request.request_id)
             raise
+        finally:
+            self._texts.pop(request.request_id, None)
         raise Internal(f"LM request {request.request_id} ended without a result")
+
+    def _notify(self, request: LmGenerateRequest, output: GenerationOutput) -> None:
+        if not self.observers:
+            return
+        prompt, uncond = self._texts.get(request.request_id, ("", None))
+        for observer in self.observers:
+            observer(LmCall(request, prompt, uncond, output))
 
     def codes_of(self, token_ids: tuple[int, ...]) -> list[int]:
         start = self.code_start_id

@@ -11,7 +11,7 @@ from typing import Optional
 from lm_service.constraints.spec import ConstraintSpec
 from lm_service.cot import build_user_metadata
 from lm_service.output_parser import extract_lyrics, parse_lm_output
-from lm_service.plan import to_music_metadata
+from lm_service.plan import max_new_tokens, to_music_metadata
 from lm_service.prompts import create_sample_prompt, format_sample_prompt, understand_prompt
 from lm_service.runtime import LmRuntime, SamplingInput
 from shared.constants import NO_USER_INPUT
@@ -24,9 +24,6 @@ from shared.types import (
     UnderstandParams,
     UnderstandResult,
 )
-from shared.validation import normalize_keyscale, normalize_timesignature
-
-MAX_TASK_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -41,13 +38,17 @@ def _sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: 
 
 
 class LmTasks:
-    def __init__(self, runtime: LmRuntime) -> None:
+    """``strict_cot``: the tightened CoT rules of ``metadata_fsm`` (``--lm-strict-cot``)."""
+
+    def __init__(self, runtime: LmRuntime, strict_cot: bool = False) -> None:
         self.runtime = runtime
+        self.strict_cot = strict_cot
 
     async def _run(self, request_id: str, prompt, spec: Optional[ConstraintSpec], sampling: SamplingInput,
                    default_lyrics: str = "") -> TaskOutput:
         started = time.perf_counter()
-        request = self.runtime.request(prompt, spec, sampling, MAX_TASK_TOKENS, request_id=request_id)
+        budget = max_new_tokens(None, "understand", self.runtime.max_model_len)
+        request = self.runtime.request(prompt, spec, sampling, budget, request_id=request_id)
         output = await self.runtime.run(request)
         values = parse_lm_output(output.text).metadata
         lyrics = extract_lyrics(output.text) or default_lyrics
@@ -55,7 +56,8 @@ class LmTasks:
 
     async def understand(self, request_id: str, params: UnderstandParams) -> UnderstandResult:
         codes = params.audio_codes if params.audio_codes.strip() else NO_USER_INPUT
-        spec = ConstraintSpec(phase="understand", skip_genres=False, debug=params.constrained_decoding_debug) \
+        spec = ConstraintSpec(phase="understand", skip_genres=False, strict=self.strict_cot,
+                              debug=params.constrained_decoding_debug) \
             if params.use_constrained_decoding else None
         sampling = _sampling(params.temperature, params.top_k, params.top_p, params.repetition_penalty)
         out = await self._run(request_id, understand_prompt(codes), spec, sampling)
@@ -67,7 +69,7 @@ class LmTasks:
     async def create_sample(self, request_id: str, params: CreateSampleParams) -> CreateSampleResult:
         language = params.vocal_language if params.vocal_language not in ("", "unknown") else None
         user = {"language": language} if language else {}
-        spec = ConstraintSpec(phase="understand", skip_genres=False, user_metadata=user,
+        spec = ConstraintSpec(phase="understand", skip_genres=False, user_metadata=user, strict=self.strict_cot,
                               debug=params.constrained_decoding_debug) if params.use_constrained_decoding else None
         sampling = _sampling(params.temperature, params.top_k, params.top_p, params.repetition_penalty)
         prompt = create_sample_prompt(params.query, params.instrumental)
@@ -80,18 +82,17 @@ class LmTasks:
 
     async def format_sample(self, request_id: str, params: FormatSampleParams) -> FormatSampleResult:
         given = params.user_metadata
-        user = build_user_metadata(bpm=given.bpm, keyscale=normalize_keyscale(given.keyscale),
-                                   timesignature=normalize_timesignature(given.timesignature),
+        user = build_user_metadata(bpm=given.bpm, keyscale=given.keyscale, timesignature=given.timesignature,
                                    duration_s=given.duration)
         spec = ConstraintSpec(phase="understand", skip_genres=False, skip_language=bool(given.language),
-                              user_metadata=user, debug=params.constrained_decoding_debug) \
+                              user_metadata=user, strict=self.strict_cot, debug=params.constrained_decoding_debug) \
             if params.use_constrained_decoding else None
         sampling = _sampling(params.temperature, params.top_k, params.top_p, params.repetition_penalty)
         prompt = format_sample_prompt(params.caption, params.lyrics)
         out = await self._run(request_id, prompt, spec, sampling, default_lyrics=params.lyrics)
         meta = out.metadata
         return FormatSampleResult(caption=meta.caption, lyrics=meta.lyrics, bpm=meta.bpm, duration=meta.duration,
-                                  keyscale=meta.keyscale, language=given.language or meta.language,
+                                  keyscale=meta.keyscale, language=meta.language,
                                   timesignature=meta.timesignature, status_message=f"formatted in {out.seconds:.2f} s")
 
 

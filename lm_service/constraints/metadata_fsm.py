@@ -9,8 +9,18 @@ token-id prefix trees; the language's first token is the top-scoring candidate (
 genres follow a character trie; user values are forced token by token; the caption is free text
 whose end is detected from the top-scoring token after a line break.
 
-Deliberate tightenings of the reference, which only matter when a sampled token disagrees with what
-a trained model writes (the reference lets such tokens corrupt the block):
+By default the machine is the reference's, quirks included (``../golden/lm`` pins them): inside the
+caption only the backtick and the audio codes are masked (EOS and the pad token can end the whole
+output there); after a token containing a line break the top-scoring token decides whether the
+caption goes on (it starts with a space or tab) or ends; once ended, tokens are free until one
+contains ``:``, and the text before it names the next state (a known field jumps straight to its
+value, anything else goes on with the next field's name); a genre value follows the reference's
+character trie over the stripped, lower-cased text written so far; without a genre vocabulary the
+value is free text that ends when the newline is the most likely token.
+
+``ConstraintSpec.strict`` (``--lm-strict-cot``) switches on deliberate tightenings, which only
+matter when a sampled token disagrees with what a trained model writes (the reference lets such
+tokens corrupt the block):
 
 * the caption never contains control tokens (EOS, pad, chat and think tags, any added token),
   besides the backtick and audio codes the reference already blocks;
@@ -57,7 +67,12 @@ class CaptionMode(Enum):
     TEXT = "text"              # inside a caption line
     LINE_START = "line_start"  # after a line break, end not decided yet
     INDENT = "indent"          # decided: a continuation line follows
-    ENDING = "ending"          # decided: the successor field's name follows
+    ENDING = "ending"          # decided: the successor field's name follows (strict: forced spelling;
+                               # reference: free tokens until one holds ':')
+
+
+# Where the reference jumps when the free text after a caption names a field.
+_JUMP_FIELDS = frozenset({"duration", "genres", "keyscale", "language", "timesignature"})
 
 
 class MetadataConstraint:
@@ -76,6 +91,8 @@ class MetadataConstraint:
         self._injection: deque[int] = deque()
         self._caption_mode = CaptionMode.TEXT
         self._caption_tokens = 0
+        self._pending_name = ""             # reference: free text after the caption, up to its ':'
+        self._after_newline = False         # reference: the last caption token held a line break
         self._codes: CodesConstraint | None = None
         self._finished = False
 
@@ -155,9 +172,9 @@ class MetadataConstraint:
     def _mask_value(self, logits: torch.Tensor) -> None:
         vocab, name = self._vocab, self._field
         if name == "caption":
-            self._mask_caption(logits)
+            self._mask_caption(logits) if self._spec.strict else self._mask_caption_reference(logits)
         elif name == "genres":
-            keep_only(logits, vocab.on(vocab.genres.allowed(self._value_text), logits.device))
+            self._mask_genres(logits)
         elif name == "duration" and self._spec.target_codes is not None:
             self._mask_target_duration(logits)
         elif name == "language" and not self._value_ids:
@@ -168,6 +185,32 @@ class MetadataConstraint:
                 keep_one(logits, vocab.newline_id)
             else:
                 keep_only(logits, vocab.on(node.allowed, logits.device))
+
+    def _mask_genres(self, logits: torch.Tensor) -> None:
+        vocab = self._vocab
+        if vocab.genres is None:
+            self._mask_free_genres(logits)
+            return
+        if self._spec.strict:
+            keep_only(logits, vocab.on(vocab.genres.allowed(self._value_text), logits.device))
+            return
+        allowed = vocab.genres_reference.allowed(self._value_text)
+        if allowed.numel():
+            keep_only(logits, vocab.on(allowed, logits.device))
+        else:
+            keep_one(logits, vocab.newline_id)
+
+    def _mask_free_genres(self, logits: torch.Tensor) -> None:
+        """No vocabulary (the reference's fallback): free text, ended when the newline is the most
+        likely token once something was written; the newline is blocked before that."""
+        newline = self._vocab.newline_id
+        if not self._value_text.strip():
+            logits[newline] = NEG_INF
+            return
+        others = logits.clone()
+        others[newline] = NEG_INF
+        if logits[newline] > others.max():
+            keep_one(logits, newline)
 
     def _mask_target_duration(self, logits: torch.Tensor) -> None:
         """Reference quirk: with a target, the duration digits are forced (without leading space)."""
@@ -204,6 +247,25 @@ class MetadataConstraint:
             indent = self._caption_mode is CaptionMode.INDENT
             vocab.apply(vocab.caption_indent if indent else vocab.caption_text, logits)
 
+    def _mask_caption_reference(self, logits: torch.Tensor) -> None:
+        """The reference's caption rules (module docstring)."""
+        vocab = self._vocab
+        if self._after_newline:
+            self._after_newline = False
+            top = int(torch.argmax(logits[: vocab.num_tokens]).item())
+            text = vocab.token_texts[top]
+            ends = bool(text) and text[0] not in " \t"
+            if self._debug:
+                LOG.debug("caption line start: top token %s, caption %s", vocab.describe([top]),
+                          "ends" if ends else "continues")
+            if ends:
+                self._caption_mode, self._pending_name = CaptionMode.ENDING, ""
+        if self._caption_mode is CaptionMode.ENDING:
+            return  # free tokens until one holds ':'
+        vocab.apply(vocab.caption_reference, logits)
+        if self._caption_tokens >= CAPTION_TOKEN_LIMIT:
+            keep_one(logits, vocab.newline_id)
+
     def _decide_caption_line(self, logits: torch.Tensor) -> None:
         """After a line break: the top-scoring token decides whether the caption goes on."""
         top = int(torch.argmax(logits[: self._vocab.num_tokens]).item())
@@ -229,6 +291,9 @@ class MetadataConstraint:
             self._value_text += text
 
     def _advance_caption(self, text: str) -> None:
+        if not self._spec.strict:
+            self._advance_caption_reference(text)
+            return
         self._caption_tokens += 1
         if self._caption_mode is CaptionMode.ENDING:
             self._position += len(text)
@@ -238,6 +303,23 @@ class MetadataConstraint:
             return
         self._value_text += text
         self._caption_mode = CaptionMode.LINE_START if text.endswith("\n") else CaptionMode.TEXT
+
+    def _advance_caption_reference(self, text: str) -> None:
+        self._caption_tokens += 1
+        self._value_text += text
+        self._after_newline = "\n" in text
+        if self._caption_mode is not CaptionMode.ENDING:
+            return
+        self._pending_name += text
+        if ":" not in text:
+            return
+        name = self._pending_name.strip().rstrip(":").strip().lower()
+        if self._debug:
+            LOG.debug("caption ended; the free text names %r", name)
+        if name in _JUMP_FIELDS:
+            self._enter(Stage.FIELD_VALUE, name)
+        else:
+            self._enter_next_field(after="caption")
 
     def _finish_fixed(self) -> None:
         if self._stage is Stage.THINK_TAG:
@@ -253,9 +335,12 @@ class MetadataConstraint:
             self._codes = CodesConstraint(self._vocab, self._spec.target_codes, self._debug)
 
     def _enter_next_field(self, after: str) -> None:
-        index = self._fields.index(after)
-        if index + 1 < len(self._fields):
-            self._enter(Stage.FIELD_NAME, self._fields[index + 1])
+        """The name of the first field after ``after`` that is not skipped (``after`` itself may be
+        a skipped field the caption's free text jumped to), else ``</think>``."""
+        later = FIELD_ORDER[FIELD_ORDER.index(after) + 1:]
+        following = [name for name in later if name in self._fields]
+        if following:
+            self._enter(Stage.FIELD_NAME, following[0])
         else:
             self._enter(Stage.THINK_END_TAG)
 
@@ -265,6 +350,7 @@ class MetadataConstraint:
         self._position = 0
         self._value_ids, self._value_text = [], ""
         self._caption_mode, self._caption_tokens = CaptionMode.TEXT, 0
+        self._pending_name, self._after_newline = "", False
         if stage is Stage.FIELD_VALUE:
             value = self._spec.user_value(field)
             if value is not None:

@@ -35,7 +35,8 @@ class ConstraintSpec:
     audio codes, then only EOS (``None``: EOS allowed at any time). As in the reference, a target
     also forces the CoT ``duration`` digits to ``target_codes // 5`` when a metadata block is
     generated with it (never the case on the shipped paths, which leave it ``None`` outside the
-    codes phase). ``debug``: log every transition and allowed-token choice.
+    codes phase). ``strict``: the tightened CoT rules of ``metadata_fsm`` instead of the reference's
+    (``--lm-strict-cot``). ``debug``: log every transition and allowed-token choice.
     """
 
     phase: Phase = "cot"
@@ -45,6 +46,7 @@ class ConstraintSpec:
     skip_language: bool = False
     user_metadata: Mapping[str, MetadataValue | None] = field(default_factory=dict)
     target_codes: int | None = None
+    strict: bool = False
     debug: bool = False
 
     def __post_init__(self) -> None:

@@ -214,3 +214,70 @@ def load_genres(lines: Iterable[str]) -> list[str]:
         if text and not text.startswith("#"):
             genres.append(text.lower())
     return genres
+
+
+class ReferenceGenres:
+    """The reference's genre rule, evaluated on the text written so far.
+
+    The written text is lower-cased and stripped (so trailing spaces are forgotten); a token may
+    follow when that prefix plus the token's lower-cased, right-stripped text is still a prefix of a
+    vocabulary line; a whitespace-only token may follow when a space or comma can come next; a
+    complete line also allows the newline; a prefix outside the vocabulary allows only the newline.
+    Candidates are the tokens whose first character, or first non-space character, can come next.
+    Results are cached per prefix.
+    """
+
+    def __init__(self, genres: Sequence[str], token_texts: Sequence[str], newline_id: int) -> None:
+        self._trie: dict = {}
+        for genre in genres:
+            node = self._trie
+            for char in genre:
+                node = node.setdefault(char, {})
+            node[""] = True  # "" marks a complete line (no character is empty)
+        self._newline = newline_id
+        self._normalized: dict[int, str] = {}
+        self._by_char: dict[str, list[int]] = {}
+        for token_id, text in enumerate(token_texts):
+            if not text:
+                continue
+            lower = text.lower()
+            self._normalized[token_id] = lower.rstrip() if lower.strip() else " "
+            self._by_char.setdefault(lower[0], []).append(token_id)
+            stripped = text.lstrip()
+            if stripped and stripped != text:
+                self._by_char.setdefault(stripped[0].lower(), []).append(token_id)
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def _node(self, prefix: str) -> dict | None:
+        node = self._trie
+        for char in prefix.lower():
+            node = node.get(char)
+            if node is None:
+                return None
+        return node
+
+    def allowed(self, written: str) -> torch.Tensor:
+        """Ids allowed after the genre text ``written`` so far ([K] int64; may be empty)."""
+        prefix = written.lower().strip()
+        cached = self._cache.get(prefix)
+        if cached is None:
+            cached = self._cache[prefix] = id_tensor(self._allowed(prefix))
+        return cached
+
+    def _allowed(self, prefix: str) -> list[int]:
+        node = self._node(prefix)
+        if node is None:
+            return [self._newline]
+        next_chars = [char for char in node if char]
+        complete = bool(node.get(""))
+        allowed = [self._newline] if complete else []
+        spacer = " " in next_chars or "," in next_chars
+        candidates = {token for char in next_chars for token in self._by_char.get(char, ())}
+        for token in candidates:
+            text = self._normalized[token]
+            if not text.strip():
+                if spacer:
+                    allowed.append(token)
+            elif self._node(prefix + text) is not None:
+                allowed.append(token)
+        return allowed

@@ -19,6 +19,7 @@ from lm_service.constraints.spec import FIELD_ORDER
 from lm_service.constraints.tables import (
     FixedStringTable,
     GenresTable,
+    ReferenceGenres,
     SpellingTable,
     TokenMask,
     ValueTrie,
@@ -37,7 +38,7 @@ from shared.constants import (
 )
 from shared.errors import Internal, out_of_range
 
-GENRES_PATH = Path(__file__).with_name("genres.txt")
+BUILTIN_GENRES_PATH = Path(__file__).with_name("genres.txt")
 THINK_TAG = "<think>"
 THINK_END_TAG = "</think>"
 _CODE_TOKEN = re.compile(r"^<\|audio_code_(\d+)\|>$")
@@ -86,7 +87,7 @@ class ConstraintVocab:
     user-supplied values when a generation starts.
     """
 
-    def __init__(self, tokenizer: Any, max_duration_s: int, genres: Sequence[str]) -> None:
+    def __init__(self, tokenizer: Any, max_duration_s: int, genres: Sequence[str] | None) -> None:
         if not DURATION_MIN_S <= max_duration_s <= DURATION_MAX_S:
             raise out_of_range("max_duration_s", max_duration_s, int(DURATION_MIN_S), int(DURATION_MAX_S), "seconds")
         self.max_duration_s = int(max_duration_s)
@@ -107,11 +108,13 @@ class ConstraintVocab:
         """Build the tables for ``tokenizer``.
 
         ``max_duration_s`` caps the CoT ``duration`` value (the GPU tier's limit in the reference, at
-        most 600). The genre vocabulary (default: the packaged ``genres.txt``) is read once; unlike
-        the reference there is no hot reload: build a new vocab to change it.
+        most 600). ``genres_path``: the genre vocabulary (one entry per line, ``#`` comments), read
+        once (the reference hot-reloads it; build a new vocab to change it). None: no vocabulary,
+        and the genres value is free text ended by the model (the reference without its file).
         """
-        path = genres_path or GENRES_PATH
-        genres = load_genres(path.read_text(encoding="utf-8").splitlines())
+        genres = None
+        if genres_path is not None:
+            genres = load_genres(Path(genres_path).read_text(encoding="utf-8").splitlines())
         return cls(tokenizer, max_duration_s, genres)
 
     def encode(self, text: str) -> list[int]:
@@ -167,7 +170,8 @@ class ConstraintVocab:
                 ids_by_text[text].append(token_id)
                 ids_by_lower_text[text.lower()].append(token_id)
         self.spellings = {name: SpellingTable.build(f"{name}:", ids_by_text) for name in FIELD_ORDER}
-        self.genres = GenresTable.build(genres, ids_by_lower_text, newline_id)
+        self.genres = GenresTable.build(genres, ids_by_lower_text, newline_id) if genres is not None else None
+        self.genres_reference = ReferenceGenres(genres, self.token_texts, newline_id) if genres is not None else None
 
     def _starts_with_note(self, token_id: int) -> bool:
         text = self.token_texts[token_id].lstrip()
@@ -180,6 +184,10 @@ class ConstraintVocab:
         blocked[self.backtick_id] = True
         blocked[_num_model_tokens(tokenizer):] = True  # added tokens: chat/think tags, codes, specials
         blocked[torch.tensor(list(tokenizer.all_special_ids), dtype=torch.long)] = True
+        reference_blocked = torch.zeros(self.num_tokens, dtype=torch.bool)  # [N]
+        reference_blocked[self.code_start_id:self.code_end_id] = True
+        reference_blocked[self.backtick_id] = True
+        self.caption_reference = TokenMask.from_blocked(reference_blocked)  # the reference: backtick + codes
         starts_indented = torch.tensor(
             [bool(text) and text[0] in " \t" for text in self.token_texts], dtype=torch.bool
         )  # [N]

@@ -7,11 +7,12 @@ Pipeline for one request and one step (``pick_token`` runs steps 4-7; ``GuidedDe
 2. the token constraint masks disallowed tokens with ``-inf``;
 3. repetition penalty (the transformers formula) over the conditional prompt and generated tokens,
    as the reference PyTorch backend applies it;
-4. temperature (``<= 0``: greedy);
-5. top-k;
-6. top-p on the tempered distribution (keeps the smallest set of most likely tokens whose
-   probability reaches ``p``; the token that crosses ``p`` and the top token are always kept) -
-   applied, unlike the reference nano-vllm path, where an inverted flag drops it (§5.3);
+4. top-k;
+5. top-p on the untempered logits, as the reference PyTorch backend does (keeps the smallest set of
+   most likely tokens whose probability reaches ``p``; the token that crosses ``p`` and the top
+   token are always kept) - applied, unlike the reference nano-vllm path, where an inverted flag
+   drops it (§5.3);
+6. temperature (``<= 0``: greedy);
 7. sampling by inverse CDF with one uniform number drawn from a generator seeded by
    ``(seed, step)``: the same seed and inputs give the same token whatever else is in the batch,
    and a request that is preempted and recomputed redraws the same numbers.
@@ -120,9 +121,8 @@ def pick_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
     """
     if temperature <= 0.0 or top_k == 1:
         return int(torch.argmax(logits))
-    tempered = apply_temperature(logits, temperature)  # [V]
-    filtered = top_p_filter(top_k_filter(tempered, top_k), top_p)  # [V]
-    return sample_from_logits(filtered, uniform)
+    filtered = top_p_filter(top_k_filter(logits, top_k), top_p)  # [V]
+    return sample_from_logits(apply_temperature(filtered, temperature), uniform)
 
 
 def has_allowed_token(logits: torch.Tensor) -> bool:

@@ -25,6 +25,8 @@ checks that both sequences generated identical tokens, finishes a sequence whose
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import replace
 from collections.abc import Iterable
@@ -52,6 +54,9 @@ from lm_service.engine.wire import UNCOND_SUFFIX, RowRole, read_row_args, twin_r
 PAIR_ERROR_PREFIX = "guided pair error: "
 
 
+# When set, every engine step appends the engine request ids it scheduled (a JSON list) to this file.
+STEP_LOG_ENV = "ACESTEP_LM_STEP_LOG"
+
 class PairedScheduler(Scheduler):
     """``vllm.v1.core.sched.scheduler.Scheduler`` that keeps guided pairs in lock-step."""
 
@@ -59,6 +64,7 @@ class PairedScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self._check_supported_config()
         self.pairs = PairRegistry()
+        self._step_log = os.environ.get(STEP_LOG_ENV) or None
 
     def _check_supported_config(self) -> None:
         config = self.scheduler_config
@@ -136,6 +142,9 @@ class PairedScheduler(Scheduler):
         finally:
             self.waiting.extend(held_back)
         self._check_scheduled_together(output)
+        if self._step_log and output.num_scheduled_tokens:
+            with open(self._step_log, "a", encoding="utf-8") as log_file:  # test and diagnostics hook
+                log_file.write(json.dumps(sorted(output.num_scheduled_tokens)) + "\n")
         return output
 
     def _decode_block_need(self, request: Request) -> int:

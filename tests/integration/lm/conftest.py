@@ -8,6 +8,7 @@ blocks (``KV_CACHE_BLOCKS`` of 128 tokens) so that a few long guided requests ma
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -56,13 +57,17 @@ async def hf_engine(engine_config: LmEngineConfig):
 
 
 @pytest_asyncio.fixture(scope="session")
-async def vllm_engine(engine_config: LmEngineConfig):
+async def vllm_engine(engine_config: LmEngineConfig, tmp_path_factory):
     pytest.importorskip("vllm")
+    from lm_service.engine.scheduler import STEP_LOG_ENV
     from lm_service.engine.vllm_engine import VllmLmEngine
 
     engine = VllmLmEngine(engine_config)
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+        # the engine-core process records the request ids of every step (read by the batching tests)
+        patch.setenv(STEP_LOG_ENV, str(tmp_path_factory.mktemp("lm-steps") / "steps.jsonl"))
         await engine.start()
+        engine.step_log = Path(os.environ[STEP_LOG_ENV])
     yield engine
     await engine.shutdown()

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from dit_service.conformance_generate import GENERATE_RUNNERS
+from conformance.dit_generate import GENERATE_RUNNERS
 from dit_service.denoise import (
     Conditions,
     DenoiseInputs,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dit_service.conformance import MODULE_RUNNERS, available_runners, run_case, run_tensor_cases
+from conformance.dit_tensors import MODULE_RUNNERS, available_runners, run_case, run_tensor_cases
 from dit_service.model.acestep import AceStepConditionGenerationModel
 from dit_service.model.config import DiTConfig
 from dit_service.model.weights import LoadedDiT, expected_shapes, load_dit, write_random_dit

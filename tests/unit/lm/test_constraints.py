@@ -1,6 +1,7 @@
 """Constrained decoding of the 5 Hz LM, driven with the tiny LM tokenizer.
 
-Most tests run the constraint the way an engine does (mask, sample, advance) with hostile logits:
+Most tests run the constraint the way an engine does (mask, sample, advance) with hostile logits,
+in the strict mode (``--lm-strict-cot``), whose tightenings guarantee a well-formed block:
 random scores plus large boosts on tokens the block must not contain (EOS, ``</think>``, audio
 codes, backticks, padded ids, ...). The produced ids are decoded and the text is checked line by line.
 """
@@ -18,7 +19,7 @@ from lm_service.constraints import CAPTION_TOKEN_LIMIT, ConstraintSpec, Constrai
 from lm_service.constraints.codes import CodesConstraint
 from lm_service.constraints.metadata_fsm import MetadataConstraint
 from lm_service.constraints.tables import TokenMask
-from lm_service.constraints.vocab import find_code_id_range
+from lm_service.constraints.vocab import BUILTIN_GENRES_PATH, find_code_id_range
 from lm_service.output_parser import parse_lm_output
 from shared.constants import KEYSCALES, NUM_AUDIO_CODES, VALID_LANGUAGES, VALID_TIME_SIGNATURES
 from shared.errors import Internal, InvalidArgument
@@ -44,7 +45,7 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def vocab(tokenizer) -> ConstraintVocab:
-    return ConstraintVocab.from_tokenizer(tokenizer, max_duration_s=MAX_DURATION_S)
+    return ConstraintVocab.from_tokenizer(tokenizer, max_duration_s=MAX_DURATION_S, genres_path=BUILTIN_GENRES_PATH)
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -181,7 +182,7 @@ def check_cot(text: str, spec: ConstraintSpec, vocab: ConstraintVocab, check_ran
 @pytest.mark.parametrize("skip_caption", [False, True])
 @pytest.mark.parametrize("skip_language", [False, True])
 def test_cot_phase_under_hostile_logits_is_well_formed(tokenizer, vocab, skip_caption, skip_language):
-    spec = ConstraintSpec(phase="cot", stop_at_reasoning=True, skip_genres=True,
+    spec = ConstraintSpec(strict=True, phase="cot", stop_at_reasoning=True, skip_genres=True,
                           skip_caption=skip_caption, skip_language=skip_language)
     num_folded_captions = 0
     for seed in range(16):
@@ -195,7 +196,7 @@ def test_cot_phase_under_hostile_logits_is_well_formed(tokenizer, vocab, skip_ca
 
 
 def test_understand_phase_under_hostile_logits_is_well_formed(tokenizer, vocab):
-    spec = ConstraintSpec(phase="understand", skip_genres=False)
+    spec = ConstraintSpec(strict=True, phase="understand", skip_genres=False)
     genres = set()
     for seed in range(16):
         ids = run_adversarial(tokenizer, vocab, spec, seed)
@@ -246,7 +247,7 @@ def test_codes_phase_prompt_without_think_end_writes_the_cot_first(tokenizer, vo
 @pytest.mark.parametrize("seed", range(4))
 def test_user_metadata_is_forced_verbatim(tokenizer, vocab, seed):
     user = {"bpm": 97, "duration": 45, "keyscale": "C Major", "timesignature": "4/4", "language": "pt"}
-    spec = ConstraintSpec(phase="cot", stop_at_reasoning=True, user_metadata=user)
+    spec = ConstraintSpec(strict=True, phase="cot", stop_at_reasoning=True, user_metadata=user)
     ids = run_adversarial(tokenizer, vocab, spec, seed)
     text = tokenizer.decode(ids)
     values = check_cot(text, spec, vocab, check_ranges=False)
@@ -258,7 +259,7 @@ def test_user_metadata_is_forced_verbatim(tokenizer, vocab, seed):
 
 def test_user_caption_and_genres_are_forced_in_understand_phase(tokenizer, vocab):
     user = {"caption": "Soft piano, warm strings.", "genres": "Dream Pop"}
-    spec = ConstraintSpec(phase="understand", skip_genres=False, user_metadata=user)
+    spec = ConstraintSpec(strict=True, phase="understand", skip_genres=False, user_metadata=user)
     text = tokenizer.decode(run_adversarial(tokenizer, vocab, spec, seed=11))
     values = check_cot(text, spec, vocab, check_ranges=False)
     assert values["caption"] == " Soft piano, warm strings." and values["genres"] == " Dream Pop"
@@ -266,7 +267,7 @@ def test_user_caption_and_genres_are_forced_in_understand_phase(tokenizer, vocab
 
 
 def test_injected_tokens_are_the_only_allowed_ones(tokenizer, vocab):
-    spec = ConstraintSpec(phase="cot", stop_at_reasoning=True, user_metadata={"bpm": 128})
+    spec = ConstraintSpec(strict=True, phase="cot", stop_at_reasoning=True, user_metadata={"bpm": 128})
     constraint = build_constraint(vocab, spec, [])
     for token in encode(tokenizer, "<think>\nbpm:"):
         constraint.mask_logits(torch.zeros(vocab.num_tokens))
@@ -280,7 +281,7 @@ def test_injected_tokens_are_the_only_allowed_ones(tokenizer, vocab):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_skipped_fields_never_appear(tokenizer, vocab, seed):
-    spec = ConstraintSpec(phase="understand", skip_genres=True, skip_caption=True, skip_language=True,
+    spec = ConstraintSpec(strict=True, phase="understand", skip_genres=True, skip_caption=True, skip_language=True,
                           user_metadata={"language": "en", "caption": "never written", "genres": "rock"})
     text = tokenizer.decode(run_adversarial(tokenizer, vocab, spec, seed))
     block = text.partition("</think>")[0]
@@ -298,7 +299,7 @@ def _advance_text(constraint, tokenizer, vocab, text: str) -> None:
 
 
 def _caption_constraint(tokenizer, vocab):
-    constraint = build_constraint(vocab, ConstraintSpec(phase="cot", stop_at_reasoning=True), [])
+    constraint = build_constraint(vocab, ConstraintSpec(strict=True, phase="cot", stop_at_reasoning=True), [])
     _advance_text(constraint, tokenizer, vocab, "<think>\nbpm: 90\ncaption:")
     assert constraint.state_name == "CAPTION_VALUE"
     return constraint
@@ -339,7 +340,7 @@ def test_caption_end_is_decided_by_the_top_token_after_a_line_break(tokenizer, v
 
 
 def test_language_first_token_is_the_top_candidate_not_a_sample(tokenizer, vocab):
-    spec = ConstraintSpec(phase="cot", stop_at_reasoning=True, skip_caption=True)
+    spec = ConstraintSpec(strict=True, phase="cot", stop_at_reasoning=True, skip_caption=True)
     constraint = build_constraint(vocab, spec, [])
     _advance_text(constraint, tokenizer, vocab, "<think>\nbpm: 90\nduration: 60\nkeyscale: A minor\nlanguage:")
     candidates = vocab.language.node(()).allowed
@@ -417,8 +418,8 @@ def test_code_range_must_be_complete_and_contiguous():
 
 
 @pytest.mark.parametrize("spec", [
-    ConstraintSpec(phase="cot", stop_at_reasoning=True),
-    ConstraintSpec(phase="understand", skip_genres=False),
+    ConstraintSpec(strict=True, phase="cot", stop_at_reasoning=True),
+    ConstraintSpec(strict=True, phase="understand", skip_genres=False),
     ConstraintSpec(phase="codes", target_codes=30),
 ])
 def test_padded_vocab_ids_are_never_allowed(tokenizer, vocab, spec):
@@ -428,7 +429,7 @@ def test_padded_vocab_ids_are_never_allowed(tokenizer, vocab, spec):
 
 
 def test_debug_logs_transitions_and_choices(tokenizer, vocab, caplog):
-    spec = ConstraintSpec(phase="cot", stop_at_reasoning=True, debug=True)
+    spec = ConstraintSpec(strict=True, phase="cot", stop_at_reasoning=True, debug=True)
     with caplog.at_level(logging.DEBUG, logger="lm_service.constraints"):
         run_adversarial(tokenizer, vocab, spec, seed=1)
     messages = [r.getMessage() for r in caplog.records if r.name == "lm_service.constraints"]
@@ -456,6 +457,6 @@ def test_logits_narrower_than_the_tokenizer_are_refused(tokenizer, vocab, phase)
 
 def test_build_constraint_picks_the_state_machine_for_metadata_phases(tokenizer, vocab):
     think_end = encode(tokenizer, "</think>")
-    assert isinstance(build_constraint(vocab, ConstraintSpec(phase="cot"), think_end), MetadataConstraint)
-    assert isinstance(build_constraint(vocab, ConstraintSpec(phase="understand"), think_end), MetadataConstraint)
+    assert isinstance(build_constraint(vocab, ConstraintSpec(strict=True, phase="cot"), think_end), MetadataConstraint)
+    assert isinstance(build_constraint(vocab, ConstraintSpec(strict=True, phase="understand"), think_end), MetadataConstraint)
     assert isinstance(build_constraint(vocab, ConstraintSpec(phase="codes"), think_end), CodesConstraint)

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from lm_service import prompts as lm
-from lm_service.conformance import run_prompt_cases
+from conformance.prompts import run_prompt_cases
 
 GOLDEN = Path(__file__).resolve().parents[3] / ".." / "shared" / "golden"
 VECTORS = json.loads((GOLDEN / "prompts.json").read_text(encoding="utf-8"))

@@ -5,7 +5,7 @@ tolerance), ``checkpoint/`` (published layout) and ``cases/<name>/{inputs,output
 Nothing here depends on the sizes of one particular folder.
 
 Runners are ``(model, silence_latent or None, inputs, params) -> {output name: tensor}``. The
-module runners live here; the sampler runners come from ``dit_service.conformance_generate``
+module runners live here; the sampler runners come from ``conformance.dit_generate``
 (``GENERATE_RUNNERS``). Outputs that record random draws (``noise``, ``sde_renoise_noise``) are
 handed to the runner inside ``inputs``, to be used instead of sampling, and are not compared.
 """
@@ -25,7 +25,7 @@ from torch import Tensor
 
 from dit_service.model.acestep import AceStepConditionGenerationModel
 from dit_service.model.weights import LoadedDiT, load_dit
-from shared.conformance import CaseResult
+from conformance.results import CaseResult
 
 Model = AceStepConditionGenerationModel
 Tensors = dict[str, Tensor]
@@ -120,9 +120,9 @@ MODULE_RUNNERS: dict[str, Runner] = {
 def available_runners() -> tuple[dict[str, Runner], str]:
     """Module runners plus ``GENERATE_RUNNERS``; the second value says why the latter are absent."""
     try:
-        generate = importlib.import_module("dit_service.conformance_generate").GENERATE_RUNNERS
+        generate = importlib.import_module("conformance.dit_generate").GENERATE_RUNNERS
     except Exception as exc:  # a broken or missing sibling module must not stop the other cases
-        return dict(MODULE_RUNNERS), f"dit_service.conformance_generate unavailable: {type(exc).__name__}: {exc}"
+        return dict(MODULE_RUNNERS), f"conformance.dit_generate unavailable: {type(exc).__name__}: {exc}"
     return {**dict(generate), **MODULE_RUNNERS}, ""
 
 

@@ -21,7 +21,7 @@ from dit_service import prompts as dit
 from lm_service import prompts as lm
 from lm_service.cot import format_metadata_as_cot
 from lm_service.output_parser import parse_audio_code_string, parse_lm_output
-from shared.conformance import CaseResult
+from conformance.results import CaseResult
 
 PROMPTS_FILE = "prompts.json"
 _KNOWN_SECTIONS = ("dit", "metas", "lyrics", "lm", "lm_misc")

@@ -1,7 +1,8 @@
 """``acestep-conformance VECTOR_DIR``: check our code against conformance vectors.
 
-Runs every tensor case of ``VECTOR_DIR/manifest.json`` (DiT side) and every prompt vector of
-``VECTOR_DIR/prompts.json`` (LM and DiT prompt strings), prints one line per case and ends with
+Runs every tensor case of ``VECTOR_DIR/manifest.json`` (DiT side), every prompt vector of
+``VECTOR_DIR/prompts.json`` (LM and DiT prompt strings) and every LM generation case of
+``VECTOR_DIR/lm/`` on each LM backend (transformers and vLLM), prints one line per case and ends with
 ``N passed, M failed``. Exit status 0 only when nothing failed.
 """
 
@@ -9,48 +10,40 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-
-@dataclass(frozen=True)
-class CaseResult:
-    """Outcome of one conformance case."""
-
-    name: str
-    passed: bool
-    max_abs_error: float = 0.0
-    tolerance: float = 0.0
-    detail: str = ""
-
-    def line(self) -> str:
-        verdict = "PASS" if self.passed else "FAIL"
-        text = f"{self.name:<48} {verdict}  max_abs_err={self.max_abs_error:.3e}  tol={self.tolerance:.1e}"
-        return f"{text}  {self.detail}" if self.detail else text
+from conformance.lm_generation import BACKENDS
+from conformance.results import CaseResult
 
 
-def run_all(vector_dir: Path) -> list[CaseResult]:
-    """Every case the folder holds: tensor cases first, then prompt vectors."""
+def run_all(vector_dir: Path, lm_backends: tuple[str, ...] = BACKENDS) -> list[CaseResult]:
+    """Every case the folder holds: tensor cases, prompt vectors, then LM generation cases."""
     results: list[CaseResult] = []
     if (vector_dir / "manifest.json").exists():
-        from dit_service.conformance import run_tensor_cases
+        from conformance.dit_tensors import run_tensor_cases
 
         results.extend(run_tensor_cases(vector_dir))
     if (vector_dir / "prompts.json").exists():
-        from lm_service.conformance import run_prompt_cases
+        from conformance.prompts import run_prompt_cases
 
         results.extend(run_prompt_cases(vector_dir))
+    if (vector_dir / "lm" / "manifest.json").exists() and lm_backends:
+        from conformance.lm_generation import run_lm_cases
+
+        results.extend(run_lm_cases(vector_dir, lm_backends))
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="acestep-conformance", description=__doc__.splitlines()[0])
     parser.add_argument("vector_dir", type=Path, help="folder with manifest.json, checkpoint/, cases/, prompts.json")
+    parser.add_argument("--lm-backend", action="append", choices=list(BACKENDS), dest="lm_backends",
+                        help="LM backend for the generation cases (repeatable; default: all)")
     args = parser.parse_args(argv)
     if not args.vector_dir.is_dir():
         print(f"vector_dir {args.vector_dir} is not a folder", file=sys.stderr)
         return 2
-    results = run_all(args.vector_dir)
+    results = run_all(args.vector_dir, tuple(args.lm_backends or BACKENDS))
     for result in results:
         print(result.line(), flush=True)
     num_failed = sum(not r.passed for r in results)

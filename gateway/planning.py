@@ -16,6 +16,7 @@ from typing import Optional
 from shared.audio_codes import format_codes
 from shared.constants import CAPTION_MAX_CHARS
 from shared.types import GenerationConfig, GenerationParams, MusicMetadata
+from shared.validation import clip_text
 
 SOURCE_AUDIO_TASKS = ("cover", "repaint", "lego", "extract", "complete")
 MAX_SEED = 2**32 - 1
@@ -31,16 +32,22 @@ class LmDecision:
 
 
 def decide_lm(params: GenerationParams, lm_available: bool) -> LmDecision:
-    """The LM plans text2music requests: metadata when any use_cot_* flag or thinking is on, codes
-    when thinking is on and the user gave no audio codes. Tasks that transform source audio never
-    use it (their structure comes from the source)."""
-    if params.task_type in SOURCE_AUDIO_TASKS:
-        return LmDecision(False, False, f"task_type {params.task_type} takes its structure from src_audio")
+    """Whether the LM runs, as ``generate_music`` decides (reference ``inference.generate_music``):
+    when thinking or any ``use_cot_*`` flag is on; audio codes only for text2music with thinking
+    on and no user codes. Repaint never uses the LM (its structure is the source's). Cover, lego,
+    extract and complete plan metadata only: the seed document's "Style Cover with LM Reasoning"
+    expects ``lm_metadata`` for a cover (the reference skips the LM there), and the DiT takes the
+    structure of these tasks from the source audio, so LM codes would go unused."""
+    if params.task_type == "repaint":
+        return LmDecision(False, False, "task_type repaint takes its structure from src_audio")
     wants_lm = params.thinking or params.use_cot_metas or params.use_cot_caption or params.use_cot_language
     if not wants_lm:
         return LmDecision(False, False, "thinking and every use_cot_* flag are off")
     if not lm_available:
         return LmDecision(False, False, "no LM service configured")
+    if params.task_type in SOURCE_AUDIO_TASKS:
+        return LmDecision(True, False, f"metadata only: task_type {params.task_type} takes its structure "
+                                       "from src_audio")
     has_codes = bool(params.audio_codes.strip())
     need_codes = params.thinking and not has_codes
     return LmDecision(True, need_codes, "codes given by the user" if has_codes else "planned by the LM")
@@ -94,15 +101,6 @@ def merge_lm_metadata(params: GenerationParams, lm: MusicMetadata) -> Generation
     if params.use_cot_language and merged.vocal_language in ("", "unknown") and lm.language:
         merged.vocal_language = lm.language
     return merged
-
-
-def clip_text(text: str, max_chars: int) -> str:
-    """``text`` cut to ``max_chars`` at a word boundary when possible (LM captions can run long)."""
-    if len(text) <= max_chars:
-        return text
-    cut = text[:max_chars]
-    space = cut.rfind(" ")
-    return cut[:space] if space > max_chars // 2 else cut
 
 
 def item_params(params: GenerationParams, seed: int, codes: Optional[list[int]]) -> GenerationParams:

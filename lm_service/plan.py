@@ -27,6 +27,7 @@ from lm_service.runtime import MODEL_LEN_HEADROOM
 from shared.config import env_default
 from shared.constants import CODES_PER_SECOND, DURATION_MAX_S, DURATION_MIN_S
 from shared.types import GenerationParams, MusicMetadata
+from shared.validation import valid_lm_metadata
 
 CODES_PHASE_BUFFER = 10
 COT_PHASE_BUFFER = 500
@@ -185,7 +186,8 @@ class Planner:
         cot_text = format_metadata_as_cot(metadata)
         # What the CoT holds drives phase 2, as in the reference (a user value the CoT jumped over is
         # absent there); the metadata handed on keeps every user value.
-        yield PlanMetadata(to_music_metadata({**metadata, **user}), cot_text, skipped, dict(metadata))
+        yield PlanMetadata(valid_lm_metadata(to_music_metadata({**metadata, **user})), cot_text, skipped,
+                           dict(metadata))
         if plan.need_codes:
             t0 = time.perf_counter()
             queue = asyncio.Queue()

@@ -1,6 +1,7 @@
 """Understand, create_sample and format_sample: one constrained LM generation each, then the
 reference's output parsing (metadata from the CoT block, lyrics after it). No CFG, as in the
-reference."""
+reference. What they return is always valid input for ``GenerationParams`` (``valid_lm_metadata``:
+long captions are clipped at a word boundary, out-of-range values dropped)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from lm_service.plan import max_new_tokens, to_music_metadata
 from lm_service.prompts import create_sample_prompt, format_sample_prompt, understand_prompt
 from lm_service.runtime import LmRuntime, SamplingInput
 from shared.constants import NO_USER_INPUT
+from shared.validation import valid_lm_metadata
 from shared.types import (
     CreateSampleParams,
     CreateSampleResult,
@@ -52,7 +54,7 @@ class LmTasks:
         output = await self.runtime.run(request)
         values = parse_lm_output(output.text).metadata
         lyrics = extract_lyrics(output.text) or default_lyrics
-        return TaskOutput(to_music_metadata(values, lyrics), time.perf_counter() - started)
+        return TaskOutput(valid_lm_metadata(to_music_metadata(values, lyrics)), time.perf_counter() - started)
 
     async def understand(self, request_id: str, params: UnderstandParams) -> UnderstandResult:
         codes = params.audio_codes if params.audio_codes.strip() else NO_USER_INPUT

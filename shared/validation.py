@@ -6,6 +6,7 @@ limit, e.g. ``duration must be in [10, 600] seconds (or <= 0 for automatic), got
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Iterable, Optional
 
@@ -17,6 +18,7 @@ from shared.types import (
     FormatSampleParams,
     GenerationConfig,
     GenerationParams,
+    MusicMetadata,
     UnderstandParams,
 )
 
@@ -83,6 +85,20 @@ def normalize_keyscale(value: str, field: str = "keyscale") -> str:
         f"(e.g. 'C major', 'F# minor'); got {value!r}",
         field=field,
     )
+
+
+METADATA_TEXT_MAX_CHARS = 32
+
+
+def check_metadata_text(field: str, value: str) -> None:
+    """A keyscale or time signature as the reference takes it: any spelling (``"Am"``, ``"F# minor"``,
+    ``"C Major"``, ``"3/4"``) is written verbatim into the LM's CoT and the DiT's metadata, so only
+    what would break that is refused: line breaks and other control characters, and length."""
+    if len(value) > METADATA_TEXT_MAX_CHARS:
+        raise InvalidArgument(f"{field} must be at most {METADATA_TEXT_MAX_CHARS} characters, got {len(value)}",
+                              field=field)
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise InvalidArgument(f"{field} must be one line without control characters, got {value!r}", field=field)
 
 
 def normalize_timesignature(value: str, field: str = "timesignature") -> str:
@@ -184,8 +200,8 @@ def validate_params(params: GenerationParams) -> None:
     check_bpm("bpm", params.bpm)
     check_duration("duration", params.duration)
     check_language("vocal_language", params.vocal_language)
-    normalize_keyscale(params.keyscale)
-    normalize_timesignature(params.timesignature)
+    check_metadata_text("keyscale", params.keyscale)
+    check_metadata_text("timesignature", params.timesignature)
     check_timesteps(params.timesteps)
     check_repaint_window(params)
     check_tracks(params)
@@ -240,6 +256,39 @@ def validate_format_sample(params: FormatSampleParams) -> None:
     meta = params.user_metadata
     check_bpm("user_metadata.bpm", meta.bpm)
     check_duration("user_metadata.duration", meta.duration)
-    normalize_keyscale(meta.keyscale, "user_metadata.keyscale")
-    normalize_timesignature(meta.timesignature, "user_metadata.timesignature")
+    check_metadata_text("user_metadata.keyscale", meta.keyscale)
+    check_metadata_text("user_metadata.timesignature", meta.timesignature)
     check_language("user_metadata.language", meta.language)
+
+
+def clip_text(text: str, max_chars: int) -> str:
+    """``text`` cut to ``max_chars`` at a word boundary when one lies in the second half, else hard."""
+    if len(text) <= max_chars:
+        return text
+    cut = text[:max_chars]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > max_chars // 2 else cut).rstrip()
+
+
+def valid_lm_metadata(meta: MusicMetadata) -> MusicMetadata:
+    """What the LM wrote, made valid input for ``GenerationParams`` (what the service returns must
+    always be accepted back): caption and lyrics clipped to their limits at a word boundary, and a
+    bpm, duration, keyscale, time signature or language that validation would refuse dropped."""
+
+    def accepted(check, *args) -> bool:
+        try:
+            check(*args)
+        except InvalidArgument:
+            return False
+        return True
+
+    bpm = meta.bpm if isinstance(meta.bpm, int) and accepted(check_bpm, "bpm", meta.bpm) else None
+    duration = meta.duration
+    if duration is not None and not (c.DURATION_MIN_S <= duration <= c.DURATION_MAX_S):
+        duration = None
+    return dataclasses.replace(
+        meta, caption=clip_text(meta.caption, c.CAPTION_MAX_CHARS), lyrics=clip_text(meta.lyrics, c.LYRICS_MAX_CHARS),
+        bpm=bpm, duration=duration,
+        keyscale=meta.keyscale if accepted(check_metadata_text, "keyscale", meta.keyscale) else "",
+        timesignature=meta.timesignature if accepted(check_metadata_text, "timesignature", meta.timesignature) else "",
+        language=meta.language if accepted(check_language, "language", meta.language) else "")

@@ -22,8 +22,11 @@ from shared.types import GenerationConfig, GenerationParams, MusicMetadata
         ({"thinking": False, "use_cot_metas": False, "use_cot_caption": False, "use_cot_language": False},
          False, False),
         ({"audio_codes": "<|audio_code_1|>"}, True, False),
-        ({"task_type": "cover", "src_audio": b"x"}, False, False),
+        ({"task_type": "cover", "src_audio": b"x"}, True, False),  # the seed's "Style Cover with LM Reasoning"
+        ({"task_type": "cover", "src_audio": b"x", "thinking": False, "use_cot_metas": False,
+          "use_cot_caption": False, "use_cot_language": False}, False, False),
         ({"task_type": "repaint", "src_audio": b"x"}, False, False),
+        ({"task_type": "lego", "src_audio": b"x", "instruction": "Generate the drums track"}, True, False),
     ],
 )
 def test_decide_lm(changes: dict, use_lm: bool, need_codes: bool) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from dit_service.pipeline import DitPipeline
 from dit_service.planning import RowSpec, Sources, plan_request
-from shared import tiny_checkpoints as tc
+from devtools import tiny_checkpoints as tc
 from shared.types import GenerationParams
 
 CAPTION = "An upbeat synth-pop track with a bright female vocal and a steady four-on-the-floor beat."

@@ -29,7 +29,7 @@ We run, we run, into the night
 
 
 def ensure_tiny_checkpoints(folder: Path) -> Path:
-    from shared.tiny_checkpoints import main as make_tiny
+    from devtools.tiny_checkpoints import main as make_tiny
 
     if not (folder / "acestep-v15-turbo" / "model.safetensors").exists():
         print(f"writing tiny random-weight checkpoints to {folder}", flush=True)

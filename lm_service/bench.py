@@ -92,7 +92,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     root = Path(args.checkpoints) if args.checkpoints else Path(tempfile.mkdtemp(prefix="bench-lm-"))
     if not args.checkpoints:
-        from shared.tiny_checkpoints import LM_DIR, write_lm
+        from devtools.tiny_checkpoints import LM_DIR, write_lm
 
         write_lm(root / LM_DIR, seed=0)
     asyncio.run(run(root / args.model, args.num_codes, args.backend))

@@ -14,7 +14,7 @@ import pytest
 
 from gateway import sdk
 from gateway.serve import LocalStack
-from shared import tiny_checkpoints
+from devtools import tiny_checkpoints
 from shared.audio import encode_audio
 from shared.constants import SAMPLE_RATE_HZ
 from shared.types import GenerationConfig

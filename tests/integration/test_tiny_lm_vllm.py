@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from shared import audio_codes
-from shared import tiny_checkpoints as tc
+from devtools import tiny_checkpoints as tc
 from shared import tiny_tokenizers as tt
 
 pytestmark = pytest.mark.vllm

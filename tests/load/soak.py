@@ -222,7 +222,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def _fresh_checkpoints() -> Path:
-    from shared.tiny_checkpoints import main as make_tiny
+    from devtools.tiny_checkpoints import main as make_tiny
 
     folder = Path(tempfile.mkdtemp(prefix="soak-ckpt-"))
     make_tiny([str(folder)])

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import sdk
 from gateway.serve import LocalStack, ServiceProcess
-from shared import tiny_checkpoints as tc
+from devtools import tiny_checkpoints as tc
 from shared.grpc_server import ERROR_DETAIL_KEY
 from shared.pb.acestep.common.v1 import common_pb2
 from shared.pb.acestep.gateway.v1 import gateway_pb2 as gw

@@ -44,7 +44,41 @@ def test_inner_modules_do_not_import_grpc(path: Path) -> None:
 
 def test_shared_does_not_import_services() -> None:
     for path in (REPO / "shared").rglob("*.py"):
-        if path.name == "conformance.py" or path.name == "tiny_checkpoints.py":
-            continue  # the command-line tools lazily import the service packages they drive
-        services = [n for n in _imports(path) if n.split(".")[0] in ("lm_service", "dit_service", "gateway")]
+        services = [n for n in _imports(path)
+                    if n.split(".")[0] in ("lm_service", "dit_service", "gateway", "conformance", "devtools")]
         assert not services, f"{path.relative_to(REPO)} imports {services}"
+
+
+# Developer entry points inside the service packages (benchmarks, the demo) may use the tooling.
+TOOL_MODULES = frozenset({"bench.py", "bench_overhead.py", "demo.py"})
+
+
+def _package_graph() -> dict[str, set[str]]:
+    """Which top-level packages each top-level package imports (tests, benches and tools excluded)."""
+    graph: dict[str, set[str]] = {}
+    for package in ("shared", "lm_service", "dit_service", "gateway"):
+        uses = graph.setdefault(package, set())
+        for path in (REPO / package).rglob("*.py"):
+            if "pb" in path.relative_to(REPO).parts or path.name in TOOL_MODULES:
+                continue
+            uses.update(n.split(".")[0] for n in _imports(path))
+        uses &= {"shared", "lm_service", "dit_service", "gateway", "conformance", "devtools"}
+        uses.discard(package)
+    return graph
+
+
+def test_lm_and_dit_services_do_not_import_each_other() -> None:
+    graph = _package_graph()
+    assert "dit_service" not in graph["lm_service"] and "lm_service" not in graph["dit_service"]
+
+
+def test_services_do_not_import_the_tooling_and_packages_have_no_cycles() -> None:
+    graph = _package_graph()
+    for package, uses in graph.items():
+        assert not uses & {"conformance", "devtools"}, f"{package} imports {uses & {'conformance', 'devtools'}}"
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        return any(n == target or (n not in seen and reaches(n, target, seen | {n})) for n in graph.get(start, ()))
+
+    cycles = [package for package in graph if reaches(package, package, {package})]
+    assert not cycles, f"import cycles through {cycles}: {graph}"

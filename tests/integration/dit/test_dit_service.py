@@ -22,7 +22,7 @@ from dit_service.engine import DitEngine, EngineConfig
 from dit_service.pipeline import DitPipeline
 from dit_service.servicer import DitServicer
 from shared import convert, metrics
-from shared import tiny_checkpoints as tc
+from devtools import tiny_checkpoints as tc
 from shared.audio import encode_audio
 from shared.config import ServerConfig
 from shared.grpc_server import GrpcServer, ServiceBinding

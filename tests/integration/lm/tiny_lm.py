@@ -1,6 +1,6 @@
 """A tiny 5 Hz LM checkpoint for engine tests, in the layout published LM checkpoints may use.
 
-It starts from the shared tiny writer (``shared.tiny_checkpoints.write_lm``: tokenizer, config,
+It starts from the shared tiny writer (``devtools.tiny_checkpoints.write_lm``: tokenizer, config,
 generation config) and replaces the weights with larger random values, so that the model is not
 degenerate (it does not repeat one token) and guided greedy output differs from unguided. The
 safetensors file stores the names WITHOUT the ``model.`` prefix and no ``lm_head.weight`` (the
@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import Qwen3ForCausalLM
 
-from shared.tiny_checkpoints import LM_DIR, write_lm
+from devtools.tiny_checkpoints import LM_DIR, write_lm
 
 WEIGHT_STD = 0.5
 

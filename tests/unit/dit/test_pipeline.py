@@ -11,7 +11,7 @@ import torch
 from dit_service import conditioning
 from dit_service.pipeline import DitPipeline
 from dit_service.planning import RowSpec, Sources, plan_request
-from shared import tiny_checkpoints as tc
+from devtools import tiny_checkpoints as tc
 from shared.errors import Cancelled
 from shared.types import GenerationParams
 

@@ -9,7 +9,7 @@ import torch
 
 from dit_service.prompts import LYRICS_TOKENIZER_KWARGS, TEXT_TOKENIZER_KWARGS
 from dit_service.text_encoder import TextEncoder
-from shared import tiny_checkpoints as tc
+from devtools import tiny_checkpoints as tc
 
 CAPTIONS = ["# Caption\nDreamy lo-fi hip hop with dusty drums<|endoftext|>\n", "# Caption\nrock<|endoftext|>\n"]
 

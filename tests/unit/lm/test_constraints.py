@@ -23,7 +23,7 @@ from lm_service.constraints.vocab import BUILTIN_GENRES_PATH, find_code_id_range
 from lm_service.output_parser import parse_lm_output
 from shared.constants import KEYSCALES, NUM_AUDIO_CODES, VALID_LANGUAGES, VALID_TIME_SIGNATURES
 from shared.errors import Internal, InvalidArgument
-from shared.tiny_checkpoints import build_lm_tokenizer
+from devtools.tiny_checkpoints import build_lm_tokenizer
 
 MAX_DURATION_S = 240
 NUM_PADDED = 48

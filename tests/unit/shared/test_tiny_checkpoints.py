@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from shared import tiny_checkpoints as tc
+from devtools import tiny_checkpoints as tc
 from shared import tiny_tokenizers as tt
 from shared.constants import NUM_AUDIO_CODES
 

@@ -1,0 +1,1 @@
+"""Developer tooling that may import every package: the tiny checkpoint writer."""

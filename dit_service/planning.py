@@ -143,7 +143,7 @@ def plan_request(params: GenerationParams, sources: Sources, *, has_codes: bool,
         raise InvalidArgument("task_type 'cover' requires src_audio or audio_codes", field="src_audio")
     if sources.refer_audio is not None and float(np.max(np.abs(sources.refer_audio))) < 1e-6:
         raise InvalidArgument("reference_audio is silent", field="reference_audio")
-    lyrics = params.lyrics if params.lyrics.strip() or not params.instrumental else INSTRUMENTAL_LYRICS
+    lyrics = INSTRUMENTAL_LYRICS if params.instrumental else params.lyrics  # "regardless of lyrics"
     text = ConditioningText(caption=extract_caption(params.caption), lyrics=lyrics,
                             vocal_language=params.vocal_language or DEFAULT_LANGUAGE)
     return RequestPlan(

@@ -168,6 +168,7 @@ class _GenerateRun:
                 yield event
         else:
             yield gw.GenerateEvent(lm_result=gw.LmResult(skipped=True))
+        self.params = planning.fill_duration(self.params)
         async for event in self._synthesize():
             yield event
         self.time_costs["pipeline_total_time"] = time.perf_counter() - start
@@ -185,12 +186,13 @@ class _GenerateRun:
             num_items=len(self.seeds), seeds=self.seeds, need_codes=decision.need_codes,
             constrained_decoding_debug=self.config.constrained_decoding_debug)
         metadata = common_pb2.MusicMetadata()
+        cot_text = ""
         async for event in self.owner.lm.stream("Plan", request, self.deadline, is_output=lambda e: False):
             kind = event.WhichOneof("event")
             if kind == "progress":
                 yield gw.GenerateEvent(progress=event.progress)
             elif kind == "metadata":
-                metadata = event.metadata.metadata
+                metadata, cot_text = event.metadata.metadata, event.metadata.cot_text
             elif kind == "codes":
                 self.codes[event.codes.item_index] = list(event.codes.codes)
             elif kind == "done":
@@ -200,7 +202,7 @@ class _GenerateRun:
         self.lm_metadata = metadata
         self.params = planning.merge_lm_metadata(self.params, convert.metadata_from_pb(metadata))
         codes = [gw.ItemCodes(item_index=i, codes=c) for i, c in sorted(self.codes.items())]
-        yield gw.GenerateEvent(lm_result=gw.LmResult(metadata=metadata, codes=codes))
+        yield gw.GenerateEvent(lm_result=gw.LmResult(metadata=metadata, codes=codes, cot_text=cot_text))
 
     def _synthesize_request(self) -> dit_pb2.SynthesizeRequest:
         items = []

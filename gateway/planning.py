@@ -16,7 +16,10 @@ from typing import Optional
 from shared.audio_codes import format_codes
 from shared.constants import CAPTION_MAX_CHARS
 from shared.types import GenerationConfig, GenerationParams, MusicMetadata
+from shared.lyrics import duration_from_lyrics
 from shared.validation import clip_text
+
+INSTRUMENTAL_LYRICS = "[Instrumental]"
 
 SOURCE_AUDIO_TASKS = ("cover", "repaint", "lego", "extract", "complete")
 MAX_SEED = 2**32 - 1
@@ -101,6 +104,15 @@ def merge_lm_metadata(params: GenerationParams, lm: MusicMetadata) -> Generation
     if params.use_cot_language and merged.vocal_language in ("", "unknown") and lm.language:
         merged.vocal_language = lm.language
     return merged
+
+
+def fill_duration(params: GenerationParams) -> GenerationParams:
+    """An automatic text2music duration that the LM did not plan is chosen from the lyrics' length
+    (``shared.lyrics``); given audio codes fix the length themselves, source tasks take the source's."""
+    if params.task_type != "text2music" or params.duration > 0 or params.audio_codes.strip():
+        return params
+    return dataclasses.replace(params, duration=duration_from_lyrics(INSTRUMENTAL_LYRICS if params.instrumental
+                                                                     else params.lyrics))
 
 
 def item_params(params: GenerationParams, seed: int, codes: Optional[list[int]]) -> GenerationParams:

@@ -20,7 +20,7 @@ from typing import AsyncIterator, Optional, Union
 from lm_service.constraints.spec import ConstraintSpec
 from lm_service.cot import build_user_metadata, format_metadata_as_cot, has_all_metas
 from lm_service.output_parser import parse_lm_output
-from lm_service.prompts import codes_prompt, codes_unconditional_prompt, cot_prompt
+from lm_service.prompts import INSTRUMENTAL_LYRICS, codes_prompt, codes_unconditional_prompt, cot_prompt
 from lm_service.runtime import LmRuntime, SamplingInput
 from lm_service.engine.config import DEFAULT_MAX_MODEL_LEN
 from lm_service.runtime import MODEL_LEN_HEADROOM
@@ -125,6 +125,11 @@ def to_music_metadata(values: dict, lyrics: str = "") -> MusicMetadata:
         genres=[g.strip() for g in str(genres).split(",") if g.strip()] if genres else [])
 
 
+def lyrics_of(params: GenerationParams) -> str:
+    """The lyrics the LM is given: ``[Instrumental]`` for an instrumental, whatever the lyrics say."""
+    return INSTRUMENTAL_LYRICS if params.instrumental else params.lyrics
+
+
 def target_duration(params: GenerationParams, planned: dict) -> Optional[float]:
     """The user's duration, else the one the CoT planned (the reference's ``target_duration``)."""
     if params.duration > 0:
@@ -206,7 +211,7 @@ class Planner:
                               debug=plan.debug) if params.use_constrained_decoding else None
         seed = plan.seeds[0] if plan.seeds else None
         request = self.runtime.request(
-            cot_prompt(params.caption, params.lyrics), spec,
+            cot_prompt(params.caption, lyrics_of(params)), spec,
             sampling(params, seed, cfg_scale=1.0, repetition_penalty=plan.repetition_penalty),
             max_new_tokens=max_new_tokens(None, "cot", self.runtime.max_model_len),
             request_id=f"{plan.request_id}:cot")
@@ -220,8 +225,8 @@ class Planner:
         target = target_codes(params, metadata)
         spec = ConstraintSpec(phase="codes", skip_genres=True, skip_caption=True, skip_language=True,
                               target_codes=target, debug=plan.debug) if params.use_constrained_decoding else None
-        prompt = codes_prompt(params.caption, params.lyrics, cot_text)
-        uncond = codes_unconditional_prompt(params.caption, params.lyrics, params.lm_negative_prompt)
+        prompt = codes_prompt(params.caption, lyrics_of(params), cot_text)
+        uncond = codes_unconditional_prompt(params.caption, lyrics_of(params), params.lm_negative_prompt)
         budget = max_new_tokens(duration, "codes", self.runtime.max_model_len)
 
         async def one(index: int, seed: int) -> None:

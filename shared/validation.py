@@ -162,13 +162,34 @@ def check_tracks(params: GenerationParams) -> None:
         raise InvalidArgument("track_name is only used by task_type 'lego' or 'extract'", field="track_name")
 
 
+CAPTION_TASKS = ("cover", "repaint", "lego", "complete")
+
+
 def check_task_inputs(params: GenerationParams) -> None:
-    """Tasks that transform audio need the source audio (cover may use audio codes instead)."""
-    if params.task_type not in SOURCE_TASKS or params.src_audio:
+    """What each task type needs, as the documents list it: text2music a caption or lyrics;
+    cover, repaint, lego and complete a caption; lego, extract and complete the track(s) to work
+    on (``track_name`` / ``track_classes``, or named in the instruction); tasks that transform audio
+    the source audio (cover may use audio codes instead)."""
+    task = params.task_type
+    if task == "text2music" and not params.caption.strip() and not params.lyrics.strip():
+        raise InvalidArgument("task_type 'text2music' needs a caption or lyrics (at least one)", field="caption")
+    if task in CAPTION_TASKS and not params.caption.strip():
+        raise InvalidArgument(f"task_type {task!r} needs a caption describing the result", field="caption")
+    if task in ("lego", "extract", "complete") and not (params.track_name or params.track_classes
+                                                         or _names_a_track(params.instruction)):
+        field = "track_classes" if task == "complete" else "track_name"
+        raise InvalidArgument(f"task_type {task!r} needs the track: set {field} (one of "
+                              f"{', '.join(c.TRACK_NAMES)}) or name it in the instruction", field=field)
+    if task not in SOURCE_TASKS or params.src_audio:
         return
-    if params.task_type == "cover" and params.audio_codes.strip():
+    if task == "cover" and params.audio_codes.strip():
         return
-    raise InvalidArgument(f"task_type {params.task_type!r} requires src_audio", field="src_audio")
+    raise InvalidArgument(f"task_type {task!r} requires src_audio", field="src_audio")
+
+
+def _names_a_track(instruction: str) -> bool:
+    words = instruction.lower().replace(",", " ").replace(":", " ").split()
+    return any(name in words or name.replace("_", " ") in instruction.lower() for name in c.TRACK_NAMES)
 
 
 def check_repaint_window(params: GenerationParams) -> None:

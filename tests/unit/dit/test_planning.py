@@ -84,6 +84,14 @@ def test_metas_and_lyrics_of_an_item():
     assert source.text_for(RowSpec(source, 0, 0)).metas["duration"] == "3 seconds"
 
 
+def test_instrumental_ignores_the_lyrics():
+    """The documents: instrumental=True gives an instrumental "regardless of lyrics"."""
+    request = plan(GenerationParams(caption="pop", lyrics="[Verse]\nsing along", instrumental=True))
+    assert request.text_for(RowSpec(request, 0, 0)).lyrics == "[Instrumental]"
+    sung = plan(GenerationParams(caption="pop", lyrics="[Verse]\nsing along"))
+    assert sung.text_for(RowSpec(sung, 0, 0)).lyrics == "[Verse]\nsing along"
+
+
 def test_item_codes_come_from_the_items_or_the_shared_string():
     shared = GenerationParams(audio_codes=format_codes([5, 6, 7]))
     assert item_codes(shared, [[], []]) == [(5, 6, 7), (5, 6, 7)]

@@ -38,6 +38,51 @@ def test_no_lm_configured_skips_it() -> None:
     assert not planning.decide_lm(GenerationParams(), lm_available=False).use_lm
 
 
+@pytest.mark.parametrize(
+    "params, config, expected",
+    [
+        # a list: used in order, padded with random seeds; -1 means random for that item
+        (GenerationParams(seed=99), GenerationConfig(batch_size=3, seeds=[42, 123]), [42, 123, None]),
+        (GenerationParams(), GenerationConfig(batch_size=2, seeds=[-1, 8]), [None, 8]),
+        # a single int: the first item's seed
+        (GenerationParams(), GenerationConfig(batch_size=2, seeds=7), [7, None]),
+        # no seeds: params.seed when use_random_seed is off, random when it is on
+        (GenerationParams(seed=42), GenerationConfig(batch_size=2, use_random_seed=False), [42, None]),
+        (GenerationParams(seed=42), GenerationConfig(batch_size=1, use_random_seed=True), [None]),
+        (GenerationParams(seed=-1), GenerationConfig(batch_size=1, use_random_seed=False), [None]),
+    ],
+)
+def test_seed_rules_of_the_documents(params, config, expected) -> None:
+    seeds = planning.resolve_seeds(params, config, random.Random(3))
+    assert len(seeds) == config.batch_size and all(0 <= s < 2**32 for s in seeds)
+    for got, want in zip(seeds, expected):
+        assert want is None or got == want
+    again = planning.resolve_seeds(params, config, random.Random(4))
+    fixed = [i for i, want in enumerate(expected) if want is not None]
+    random_items = [i for i, want in enumerate(expected) if want is None]
+    assert [again[i] for i in fixed] == [seeds[i] for i in fixed]
+    assert all(again[i] != seeds[i] for i in random_items)  # drawn, not constant
+
+
+@pytest.mark.parametrize(
+    "lyrics, seconds",
+    [
+        ("", 30.0), ("[Instrumental]", 30.0),
+        ("[Verse]\n" + "word " * 40 + "\n[Chorus]\n" + "la " * 20, 60 / 2 + 2 * 4 + 10),
+        ("[Verse]\n" + "word " * 2000, 600.0),
+        ("hi", 10.0),
+    ],
+)
+def test_automatic_duration_without_the_lm_comes_from_the_lyrics(lyrics: str, seconds: float) -> None:
+    filled = planning.fill_duration(GenerationParams(caption="x", lyrics=lyrics, duration=-1))
+    assert filled.duration == seconds
+    assert planning.fill_duration(GenerationParams(caption="x", lyrics=lyrics, duration=45.0)).duration == 45.0
+    instrumental = planning.fill_duration(GenerationParams(caption="x", lyrics=lyrics, instrumental=True))
+    assert instrumental.duration == 30.0
+    codes = GenerationParams(caption="x", lyrics=lyrics, audio_codes="<|audio_code_1|>")
+    assert planning.fill_duration(codes).duration == -1.0  # the codes fix the length
+
+
 def test_seeds_given_then_padded_randomly() -> None:
     rng = random.Random(0)
     seeds = planning.resolve_seeds(GenerationParams(), GenerationConfig(batch_size=4, seeds=[7, -1]), rng)

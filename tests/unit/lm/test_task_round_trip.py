@@ -73,7 +73,10 @@ def lm_outputs(draw) -> str:
 
 
 def _as_generation(result) -> GenerationParams:
-    return GenerationParams(caption=result.caption, lyrics=result.lyrics, bpm=result.bpm,
+    # A result may hold neither caption nor lyrics (the LM wrote none); text2music needs one of
+    # them, which the user then supplies: the claim here is about the values the LM did write.
+    caption = result.caption if result.caption or result.lyrics else "a caption of the user's"
+    return GenerationParams(caption=caption, lyrics=result.lyrics, bpm=result.bpm,
                             duration=result.duration if result.duration is not None else -1.0,
                             keyscale=result.keyscale, timesignature=result.timesignature,
                             vocal_language=result.language or "unknown")

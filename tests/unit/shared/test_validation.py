@@ -38,8 +38,44 @@ def test_documented_keyscale_spellings_are_accepted(keyscale: str) -> None:
     validate_generation(GenerationParams(caption="x", keyscale=keyscale, timesignature="3/4"), GenerationConfig())
 
 
-def test_defaults_are_valid() -> None:
-    validate_generation(GenerationParams(), GenerationConfig())
+def test_defaults_with_a_caption_are_valid() -> None:
+    validate_generation(GenerationParams(caption="lofi"), GenerationConfig())
+    validate_generation(GenerationParams(lyrics="[Verse]\nla la"), GenerationConfig())
+
+
+@pytest.mark.parametrize(
+    "changes, field, fragment",
+    [
+        ({}, "caption", "needs a caption or lyrics"),
+        ({"caption": "  "}, "caption", "needs a caption or lyrics"),
+        ({"task_type": "cover", "src_audio": b"x"}, "caption", "needs a caption"),
+        ({"task_type": "repaint", "src_audio": b"x"}, "caption", "needs a caption"),
+        ({"task_type": "lego", "src_audio": b"x", "caption": "guitar"}, "track_name", "needs the track"),
+        ({"task_type": "complete", "src_audio": b"x", "caption": "rock"}, "track_classes", "needs the track"),
+        ({"task_type": "extract", "src_audio": b"x"}, "track_name", "needs the track"),
+    ],
+)
+def test_task_requirements(changes: dict, field: str, fragment: str) -> None:
+    error = _fails(GenerationParams(**changes))
+    assert error.field == field and fragment in error.message
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"task_type": "lego", "src_audio": b"x", "caption": "funky guitar",
+         "instruction": "Generate the guitar track based on the audio context:"},
+        {"task_type": "lego", "src_audio": b"x", "caption": "funky guitar", "track_name": "guitar"},
+        {"task_type": "extract", "src_audio": b"x", "instruction": "Extract the vocals track from the audio:"},
+        {"task_type": "extract", "src_audio": b"x", "instruction": "Extract the backing vocals track:"},
+        {"task_type": "complete", "src_audio": b"x", "caption": "rock",
+         "instruction": "Complete the input track with drums, bass, guitar:"},
+        {"task_type": "complete", "src_audio": b"x", "caption": "rock", "track_classes": ["drums"]},
+        {"task_type": "cover", "src_audio": b"x", "caption": "jazz piano version"},
+    ],
+)
+def test_documented_task_inputs_are_accepted(changes: dict) -> None:
+    validate_generation(GenerationParams(**changes), GenerationConfig())
 
 
 @pytest.mark.parametrize(
@@ -86,7 +122,7 @@ def test_defaults_are_valid() -> None:
     ],
 )
 def test_param_limits(changes: dict, field: str, fragment: str) -> None:
-    error = _fails(dataclasses.replace(GenerationParams(), **changes))
+    error = _fails(dataclasses.replace(GenerationParams(caption="lofi"), **changes))
     assert error.field == field
     assert fragment in error.message
 
@@ -103,15 +139,15 @@ def test_param_limits(changes: dict, field: str, fragment: str) -> None:
     ],
 )
 def test_config_limits(changes: dict, field: str, fragment: str) -> None:
-    error = _fails(GenerationParams(), dataclasses.replace(GenerationConfig(), **changes))
+    error = _fails(GenerationParams(caption="lofi"), dataclasses.replace(GenerationConfig(), **changes))
     assert error.field == field
     assert fragment in error.message
 
 
 def test_auto_duration_and_valid_edge_values_pass() -> None:
     for duration in (-1.0, 0.0, 10.0, 600.0):
-        validate_generation(GenerationParams(duration=duration), GenerationConfig())
-    params = GenerationParams(bpm=30, keyscale="f# MINOR", timesignature="6/8", timesteps=[0.9, 0.5, 0.0],
+        validate_generation(GenerationParams(caption="lofi", duration=duration), GenerationConfig())
+    params = GenerationParams(caption="lofi", bpm=30, keyscale="f# MINOR", timesignature="6/8", timesteps=[0.9, 0.5, 0.0],
                               task_type="cover", audio_codes="<|audio_code_0|><|audio_code_63999|>")
     validate_generation(params, GenerationConfig(batch_size=8, seeds=[0, 4294967295, -1]))
 

@@ -1,7 +1,8 @@
 """``acestep``: the command line of the serving stack.
 
-    acestep generate --caption "..." [--lyrics-file F] [--duration S] [--task cover --src-audio F]
-                     [--batch-size N] [--format flac] --out DIR
+    acestep generate --caption "..." [--lyrics-file F] [--duration S] [--task-type cover --src-audio F]
+                     [--batch-size N] [--audio-format flac] [--params p.json] [--config c.json] --out DIR
+                     (every GenerationParams / GenerationConfig field has a flag: acestep generate --help)
     acestep understand (--codes "<|audio_code_1|>..." | --audio F)
     acestep create-sample --query "..."
     acestep format-sample --caption "..." --lyrics-file F
@@ -78,22 +79,105 @@ def _client(args: argparse.Namespace) -> sdk.AceStepClient:
     return sdk.AceStepClient(args.gateway, api_key=args.api_key, root_certificates=certs, timeout_s=args.timeout)
 
 
+# Flags of ``generate``: every GenerationParams / GenerationConfig field, grouped as the inference API
+# document groups them. The LM's outputs (``cot_*``) are not inputs.
+PARAM_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("text inputs", ("caption", "lyrics", "instrumental")),
+    ("music metadata", ("bpm", "keyscale", "timesignature", "vocal_language", "duration")),
+    ("generation parameters", ("inference_steps", "guidance_scale", "seed")),
+    ("advanced DiT parameters", ("use_adg", "cfg_interval_start", "cfg_interval_end", "shift", "infer_method",
+                                 "timesteps")),
+    ("task-specific parameters", ("task_type", "instruction", "reference_audio", "src_audio", "audio_codes",
+                                  "repainting_start", "repainting_end", "audio_cover_strength", "track_name",
+                                  "track_classes")),
+    ("5Hz LM parameters", ("thinking", "lm_temperature", "lm_cfg_scale", "lm_top_k", "lm_top_p",
+                           "lm_negative_prompt", "use_cot_metas", "use_cot_caption", "use_cot_language",
+                           "use_cot_lyrics", "use_constrained_decoding")),
+    ("LoRA", ("lora_id", "lora_scale")),
+)
+CONFIG_GROUP = ("GenerationConfig", ("batch_size", "allow_lm_batch", "use_random_seed", "seeds",
+                                     "lm_batch_chunk_size", "constrained_decoding_debug", "audio_format"))
+# Short spellings kept from earlier releases of this CLI.
+ALIASES = {"task_type": ["--task"], "inference_steps": ["--steps"], "guidance_scale": ["--guidance"],
+           "vocal_language": ["--language"], "repainting_start": ["--repaint-start"],
+           "repainting_end": ["--repaint-end"], "track_name": ["--track"], "audio_format": ["--format"]}
+LIST_FIELDS = {"timesteps": float, "track_classes": str, "seeds": int}
+FIELD_HELP = {
+    "caption": "text description of the music (at most 512 characters)",
+    "lyrics": "lyrics ('[Instrumental]' for none; --lyrics-file reads them from a file)",
+    "instrumental": "an instrumental whatever the lyrics say",
+    "bpm": "beats per minute, 30-300; unset: planned by the LM",
+    "keyscale": "key, e.g. 'C Major', 'Am', 'F# minor'; empty: planned by the LM",
+    "timesignature": "2, 3, 4 or 6 (2/4, 3/4, 4/4, 6/8)",
+    "vocal_language": "ISO 639-1 code, or 'unknown' to detect",
+    "duration": "seconds, 10-600; <= 0 chooses it from the lyrics (or the LM plans it)",
+    "seed": "-1: random; a seed given here turns --use-random-seed off unless that is given too",
+    "timesteps": "comma-separated custom schedule from 1.0 to 0.0 (overrides --inference-steps and --shift)",
+    "src_audio": "source audio file (cover, repaint, lego, extract, complete)",
+    "reference_audio": "reference audio file (timbre/style)",
+    "track_classes": "comma-separated tracks for task 'complete'",
+    "seeds": "comma-separated per-item seeds (fewer than --batch-size: the rest random)",
+    "lora_id": "adapter id (default: none)",
+}
+
+
+def _add_field(group, name: str, default: Any) -> None:
+    flags = [f"--{name.replace('_', '-')}", *ALIASES.get(name, [])]
+    help_text = FIELD_HELP.get(name, "")
+    if isinstance(default, bool):
+        group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{help_text} (default: {default})".strip())
+        return
+    if name in LIST_FIELDS:
+        cast = LIST_FIELDS[name]
+        group.add_argument(*flags, dest=name, default=None, metavar="A,B,...",
+                           type=lambda text, cast=cast: [cast(part) for part in text.split(",") if part.strip()],
+                           help=help_text)
+        return
+    cast = type(default) if default is not None else (int if name == "bpm" else str)
+    group.add_argument(*flags, dest=name, type=cast, default=None,
+                       help=f"{help_text} (default: {default!r})".strip())
+
+
+def _read_json(path: Optional[str], what: str) -> dict[str, Any]:
+    if not path:
+        return {}
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise SystemExit(f"{what} must hold a JSON object of {what} fields")
+    return data
+
+
+def _from_args(cls: type, args: argparse.Namespace, base: dict[str, Any]) -> Any:
+    """``cls`` from the JSON file's values, overridden by every flag given on the command line."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(base) - known)
+    if unknown:
+        raise SystemExit(f"unknown {cls.__name__} fields in the JSON file: {', '.join(unknown)}")
+    values = dict(base)
+    for name in known:
+        given = getattr(args, name, None)
+        if given is not None:
+            values[name] = given
+    return cls(**values)
+
+
 def _params(args: argparse.Namespace) -> GenerationParams:
-    lyrics = Path(args.lyrics_file).read_text() if args.lyrics_file else (args.lyrics or "")
-    return GenerationParams(
-        task_type=args.task, caption=args.caption, lyrics=lyrics, instrumental=args.instrumental,
-        duration=args.duration, bpm=args.bpm, keyscale=args.keyscale or "", timesignature=args.timesignature or "",
-        vocal_language=args.language, inference_steps=args.steps, shift=args.shift, thinking=not args.no_thinking,
-        src_audio=args.src_audio, reference_audio=args.reference_audio, audio_codes=args.audio_codes or "",
-        repainting_start=args.repaint_start, repainting_end=args.repaint_end, track_name=args.track or "",
-        guidance_scale=args.guidance, seed=args.seed if args.seed is not None else -1)
+    if args.lyrics_file:
+        args.lyrics = Path(args.lyrics_file).read_text()
+    return _from_args(GenerationParams, args, _read_json(args.params, "GenerationParams"))
+
+
+def _config(args: argparse.Namespace) -> GenerationConfig:
+    if args.seeds and len(args.seeds) == 1:
+        args.seeds = args.seeds[0]  # a single int, as the document allows
+    if args.seed is not None and args.seed >= 0 and args.use_random_seed is None:
+        args.use_random_seed = False  # asking for a seed means wanting it
+    return _from_args(GenerationConfig, args, _read_json(args.config, "GenerationConfig"))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    params = _params(args)
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    config = GenerationConfig(batch_size=args.batch_size, audio_format=args.format, seeds=seeds,
-                              use_random_seed=seeds is None and args.seed is None)
+    params, config = _params(args), _config(args)
     bar = StageBar()
     started = time.perf_counter()
 
@@ -122,19 +206,37 @@ def _print_result(result: Any) -> int:
     return 0
 
 
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, use_constrained_decoding=args.use_constrained_decoding,
+                constrained_decoding_debug=args.constrained_decoding_debug)
+
+
 def cmd_understand(args: argparse.Namespace) -> int:
     return _print_result(sdk.understand_music(_client(args), audio_codes=args.codes or "", audio=args.audio,
-                                              temperature=args.temperature))
+                                              **_sampling(args)))
 
 
 def cmd_create_sample(args: argparse.Namespace) -> int:
     return _print_result(sdk.create_sample(_client(args), args.query, instrumental=args.instrumental,
-                                           vocal_language=args.language, temperature=args.temperature))
+                                           vocal_language=args.language, **_sampling(args)))
 
 
 def cmd_format_sample(args: argparse.Namespace) -> int:
     lyrics = Path(args.lyrics_file).read_text() if args.lyrics_file else (args.lyrics or "")
-    return _print_result(sdk.format_sample(_client(args), args.caption, lyrics, temperature=args.temperature))
+    metadata = _read_json(args.user_metadata, "user_metadata") if args.user_metadata else None
+    return _print_result(sdk.format_sample(_client(args), args.caption, lyrics, user_metadata=metadata,
+                                           **_sampling(args)))
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser, temperature: float = 0.85) -> None:
+    group = parser.add_argument_group("sampling (as the document's helper functions)")
+    group.add_argument("--temperature", type=float, default=temperature)
+    group.add_argument("--top-k", type=int, default=None, help="default: off")
+    group.add_argument("--top-p", type=float, default=None, help="default: off")
+    group.add_argument("--repetition-penalty", type=float, default=1.0)
+    group.add_argument("--use-constrained-decoding", action=argparse.BooleanOptionalAction, default=True)
+    group.add_argument("--constrained-decoding-debug", action="store_true")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -165,34 +267,32 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate songs")
+    p = sub.add_parser("generate", help="generate songs", description=(
+        "Every GenerationParams and GenerationConfig field of the inference API has a flag; "
+        "--params/--config take the SDK's dicts as JSON files, flags override them."))
     _add_connection_flags(p)
-    p.add_argument("--caption", default="")
-    p.add_argument("--lyrics", default=None)
-    p.add_argument("--lyrics-file", default=None)
-    p.add_argument("--instrumental", action="store_true")
-    p.add_argument("--duration", type=float, default=-1.0)
-    p.add_argument("--bpm", type=int, default=None)
-    p.add_argument("--keyscale", default=None)
-    p.add_argument("--timesignature", default=None)
-    p.add_argument("--language", default="unknown")
-    p.add_argument("--task", default="text2music")
-    p.add_argument("--src-audio", default=None)
-    p.add_argument("--reference-audio", default=None)
-    p.add_argument("--audio-codes", default=None)
-    p.add_argument("--repaint-start", type=float, default=0.0)
-    p.add_argument("--repaint-end", type=float, default=-1.0)
-    p.add_argument("--track", default=None)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--shift", type=float, default=3.0)
-    p.add_argument("--guidance", type=float, default=7.0)
-    p.add_argument("--no-thinking", action="store_true")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--seeds", default=None, help="comma-separated per-item seeds")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--format", default="flac", choices=["flac", "wav", "mp3", "ogg"])
-    p.add_argument("--out", default="out")
+    files = p.add_argument_group("files")
+    files.add_argument("--params", default=None, help="JSON object of GenerationParams fields")
+    files.add_argument("--config", default=None, help="JSON object of GenerationConfig fields")
+    files.add_argument("--lyrics-file", default=None, help="read --lyrics from this file")
+    files.add_argument("--out", default="out", help="folder the audio files are written to")
+    param_defaults = {f.name: _default_of(f) for f in dataclasses.fields(GenerationParams)}
+    for title, names in PARAM_GROUPS:
+        group = p.add_argument_group(f"GenerationParams: {title}")
+        for name in names:
+            _add_field(group, name, param_defaults[name])
+    config_defaults = {f.name: _default_of(f) for f in dataclasses.fields(GenerationConfig)}
+    title, names = CONFIG_GROUP
+    group = p.add_argument_group(title)
+    for name in names:
+        _add_field(group, name, config_defaults[name])
     p.set_defaults(func=cmd_generate)
+
+
+def _default_of(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    return field.default_factory()  # type: ignore[misc]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,23 +301,26 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_parser(sub)
     p = sub.add_parser("understand", help="audio codes or audio → caption, lyrics, metadata")
     _add_connection_flags(p)
-    p.add_argument("--codes", default=None)
-    p.add_argument("--audio", default=None)
-    p.add_argument("--temperature", type=float, default=0.85)
+    p.add_argument("--codes", default=None, help="audio codes ('<|audio_code_N|>...')")
+    p.add_argument("--audio", default=None, help="an audio file, encoded to codes by the DiT first")
+    _add_sampling_flags(p)
     p.set_defaults(func=cmd_understand)
     p = sub.add_parser("create-sample", help="query → caption, lyrics, metadata")
     _add_connection_flags(p)
-    p.add_argument("--query", required=True)
+    p.add_argument("--query", required=True, help="natural-language description of the song")
     p.add_argument("--instrumental", action="store_true")
-    p.add_argument("--language", default=None)
-    p.add_argument("--temperature", type=float, default=0.85)
+    p.add_argument("--language", "--vocal-language", dest="language", default=None,
+                   help="restrict the lyrics to this language (e.g. en, zh, bn)")
+    _add_sampling_flags(p)
     p.set_defaults(func=cmd_create_sample)
     p = sub.add_parser("format-sample", help="caption + lyrics → enhanced caption, metadata")
     _add_connection_flags(p)
     p.add_argument("--caption", required=True)
     p.add_argument("--lyrics", default=None)
     p.add_argument("--lyrics-file", default=None)
-    p.add_argument("--temperature", type=float, default=0.85)
+    p.add_argument("--user-metadata", default=None,
+                   help="JSON file with the values to keep (bpm, duration, keyscale, timesignature, language)")
+    _add_sampling_flags(p)
     p.set_defaults(func=cmd_format_sample)
     p = sub.add_parser("serve", help="start LM, DiT and gateway locally")
     p.add_argument("--checkpoints", required=True)

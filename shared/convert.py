@@ -85,6 +85,7 @@ def params_from_pb(message: pb.GenerationParams) -> t.GenerationParams:
     for name in _AUDIO_FIELDS:
         values[name] = getattr(message, name).data if _has(message, name) else None
     values["timesteps"] = list(message.timesteps.values) if _has(message, "timesteps") else None
+    values["lora_id"] = values["lora_id"] or None  # the SDK's None is the protobuf's ""
     return t.GenerationParams(**values)
 
 

@@ -62,7 +62,7 @@ class GenerationParams:
     cot_vocal_language: str = "unknown"
     cot_caption: str = ""
     cot_lyrics: str = ""
-    lora_id: str = ""
+    lora_id: Optional[str] = None  # None: no adapter (the protobuf spells it "")
     lora_scale: float = 1.0
     track_name: str = ""
     track_classes: list[str] = field(default_factory=list)

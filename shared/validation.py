@@ -209,7 +209,7 @@ def validate_params(params: GenerationParams) -> None:
     check_choice("task_type", params.task_type, c.TASK_TYPES)
     check_choice("infer_method", params.infer_method, c.INFER_METHODS)
     for name, limit in _TEXT_LIMITS.items():
-        check_text(name, getattr(params, name), limit)
+        check_text(name, getattr(params, name) or "", limit)
     for name, (low, high, unit) in _PARAM_RANGES.items():
         check_range(name, getattr(params, name), low, high, unit)
     if params.cfg_interval_start > params.cfg_interval_end:

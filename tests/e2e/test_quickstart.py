@@ -48,3 +48,22 @@ def test_cli_generate_writes_the_file(address: str, tmp_path: Path) -> None:
     path = Path(line.split()[0])
     assert path.parent == tmp_path and path.suffix == ".wav"
     _assert_song(path, "WAV", 10.0)
+
+
+def test_cli_lm_helpers_print_their_results(address: str, tmp_path: Path) -> None:
+    """understand, create-sample and format-sample print the documented result as JSON."""
+    import json
+
+    understood = json.loads(_run([str(CLI), "understand", "--gateway", address, "--codes",
+                                  "<|audio_code_5|><|audio_code_77|>" * 20, "--temperature", "0.3"]))
+    created = json.loads(_run([str(CLI), "create-sample", "--gateway", address, "--query", "a calm lullaby",
+                               "--instrumental", "--language", "en"]))
+    metadata = tmp_path / "meta.json"
+    metadata.write_text(json.dumps({"bpm": 95, "duration": 40}))
+    formatted = json.loads(_run([str(CLI), "format-sample", "--gateway", address, "--caption", "latin pop",
+                                 "--lyrics", "[Verse 1]\nBailando", "--user-metadata", str(metadata)]))
+    for result in (understood, created, formatted):
+        assert result["success"] is True and result["error"] is None
+        assert 30 <= result["bpm"] <= 300 and result["keyscale"]  # the constrained CoT always writes them
+    assert created["instrumental"] is True
+    assert (formatted["bpm"], formatted["duration"]) == (95, 40.0)  # the user's values are kept verbatim

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from shared import metrics
+from shared.admission import refuse_when_full
 from shared.errors import (
     AceStepError,
     Cancelled,
@@ -36,7 +37,6 @@ from shared.errors import (
     Internal,
     InvalidArgument,
     NotReady,
-    ResourceExhausted,
 )
 
 log = logging.getLogger(__name__)
@@ -219,10 +219,8 @@ class Batcher:
             raise InvalidArgument(f"a request needs at least 1 item, got {num_items}", field="items")
         if request_id in self._requests:
             raise InvalidArgument(f"request_id {request_id!r} is already in progress", field="request_id")
-        waiting = self.waiting_items
-        if waiting + num_items > self.max_queue:
-            metrics.DIT_REJECTED.inc()
-            raise ResourceExhausted(f"DiT queue is full ({waiting} items waiting, limit {self.max_queue})")
+        refuse_when_full("DiT service", self.waiting_items, num_items, self.max_queue, "items: ",
+                         metrics.DIT_REJECTED)
         request = _Request(request_id, key, num_items, payload, deadline)
         request.queue.put_nowait(Admitted(queue_position=len(self._waiting)))
         self._requests[request_id] = request

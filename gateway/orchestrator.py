@@ -17,10 +17,10 @@ from typing import Any, AsyncIterator, Callable, Optional
 import grpc
 
 from gateway import planning
-from gateway.admission import Admission
 from gateway.upstream_errors import RETRYABLE, from_upstream
 from gateway.upstream import ReplicaPool
 from shared import convert, metrics
+from shared.admission import Admission, AdmissionMetrics
 from shared.errors import AceStepError, InvalidArgument, NotReady
 from shared.pb.acestep.common.v1 import common_pb2
 from shared.pb.acestep.dit.v1 import dit_pb2
@@ -118,7 +118,9 @@ class Orchestrator:
         self.lm = BackendCaller(lm, "lm", limits.max_attempts) if lm is not None else None
         self.dit = BackendCaller(dit, "dit", limits.max_attempts)
         self.limits = limits
-        self.admission = Admission(limits.max_active, limits.max_queued)
+        self.admission = Admission("gateway", limits.max_active, limits.max_queued, AdmissionMetrics(
+            active=metrics.GATEWAY_ACTIVE_REQUESTS, queued=metrics.GATEWAY_QUEUED_REQUESTS,
+            rejected=metrics.GATEWAY_REJECTED))
 
     async def generate(self, request: gw.GenerateRequest, deadline: Deadline) -> AsyncIterator[gw.GenerateEvent]:
         check_uploads(request.params, self.limits.max_audio_bytes)

@@ -38,8 +38,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=env_default("lm_max_model_len", 4096, int))
     parser.add_argument("--max-num-seqs", type=int, default=env_default("lm_max_num_seqs", 64, int))
     parser.add_argument("--kv-cache-gib", type=float, default=env_default("lm_kv_cache_gib", 1.0, float))
+    parser.add_argument("--max-active", type=int, default=env_default("lm_max_active", 0, int),
+                        help="work units served at once (a task, or one code item of a plan); "
+                             "0: half of --max-num-seqs (every unit may be a guided pair)")
     parser.add_argument("--max-pending", type=int, default=env_default("lm_max_pending", 64, int),
-                        help="requests in flight beyond which new ones get RESOURCE_EXHAUSTED")
+                        help="work units waiting for a slot beyond which new ones get RESOURCE_EXHAUSTED")
     parser.add_argument("--max-duration-s", type=int, default=env_default("lm_max_duration_s", 600, int),
                         help="largest duration the constrained CoT may plan")
     parser.add_argument("--lm-strict-cot", action="store_true", default=env_default("lm_strict_cot", False, bool),
@@ -105,8 +108,9 @@ async def serve(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(engine_cfg.model_dir))
     engine = build_engine(engine_cfg, args.backend)
     runtime = LmRuntime(engine, tokenizer, tokenizer.chat_template or default_chat_template(), args.max_model_len)
+    max_active = args.max_active or max(1, args.max_num_seqs // 2)
     servicer = LmServicer(Planner(runtime, args.lm_strict_cot), LmTasks(runtime, args.lm_strict_cot),
-                          args.max_pending)
+                          max_active, args.max_pending)
     binding = ServiceBinding(lm_pb2_grpc.add_LmServiceServicer_to_server, servicer, "acestep.lm.v1.LmService")
     server = GrpcServer(config, [binding])
     port = await server.start()

@@ -30,7 +30,9 @@ DIT_REJECTED = Counter("acestep_dit_rejected_total", "Requests refused at admiss
 # LM service.
 LM_RUNNING_SEQUENCES = Gauge("acestep_lm_running_sequences", "Sequences in the engine's running batch")
 LM_WAITING_SEQUENCES = Gauge("acestep_lm_waiting_sequences", "Sequences waiting in the engine")
-LM_QUEUE_DEPTH = Gauge("acestep_lm_queue_depth", "LM requests admitted and not finished")
+LM_QUEUE_DEPTH = Gauge("acestep_lm_queue_depth",
+                       "LM work admitted and waiting for a slot (units: a task, or a plan's code items)")
+LM_ACTIVE_WORK = Gauge("acestep_lm_active_work", "LM work being served (units as acestep_lm_queue_depth)")
 LM_GENERATED_TOKENS = Counter("acestep_lm_generated_tokens_total", "Tokens generated", ["phase"])
 LM_TTFT_SECONDS = Histogram("acestep_lm_time_to_first_token_seconds", "Time to first generated token",
                             buckets=_LATENCY_BUCKETS)
@@ -43,6 +45,7 @@ GATEWAY_SONGS = Counter("acestep_gateway_songs_total", "Songs (items) finished, 
 GATEWAY_STAGE_SECONDS = Histogram("acestep_gateway_stage_seconds", "Time per pipeline stage", ["stage"],
                                   buckets=_LATENCY_BUCKETS)
 GATEWAY_RETRIES = Counter("acestep_gateway_retries_total", "Backend calls retried on another replica", ["backend"])
+GATEWAY_QUEUED_REQUESTS = Gauge("acestep_gateway_queued_requests", "Generate requests waiting for a slot")
 GATEWAY_REJECTED = Counter("acestep_gateway_rejected_total", "Requests refused at admission")
 GATEWAY_BACKEND_HEALTHY = Gauge("acestep_gateway_backend_healthy", "1 if a backend replica is serving",
                                 ["backend", "target"])

@@ -303,7 +303,7 @@ async def test_full_queue_is_resource_exhausted(turbo):
     while turbo.engine.batcher.waiting_items < 4:
         await asyncio.sleep(0.01)
     await expect_error(turbo.stub.Synthesize(request(params)), grpc.StatusCode.RESOURCE_EXHAUSTED,
-                       "DiT queue is full (4 items waiting, limit 4)")
+                       "DiT service is at capacity (items: 4 queued, limit 4); retry later")
     waiting_call.cancel()
     assert_audio(await running, 1, 10.0)
     with pytest.raises(asyncio.CancelledError):

@@ -117,7 +117,7 @@ async def test_full_queue_is_refused_with_resource_exhausted(make_batcher):
     assert batcher.waiting_items == 3
     with pytest.raises(ResourceExhausted) as info:
         batcher.submit("refused", key="k", num_items=1, payload=1)
-    assert info.value.message == "DiT queue is full (3 items waiting, limit 3)"
+    assert info.value.message == "DiT service is at capacity (items: 3 queued, limit 3); retry later"
     batcher.abort("queued")  # frees the slots at once
     admitted = batcher.submit("admitted", key="k", num_items=1, payload=1)
     work.gate.set()

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from gateway import planning
-from gateway.admission import Admission
+from shared.admission import Admission
 from shared.errors import ResourceExhausted
 from shared.types import GenerationConfig, GenerationParams, MusicMetadata
 
@@ -114,7 +114,7 @@ def test_item_key_is_stable_and_parameter_sensitive() -> None:
 
 
 async def test_admission_queues_in_order_and_refuses_beyond_the_line() -> None:
-    admission = Admission(max_active=1, max_queued=1)
+    admission = Admission("gateway", max_active=1, max_queued=1)
     order: list[str] = []
     release = asyncio.Event()
 

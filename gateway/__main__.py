@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
 import grpc
 
 from gateway.auth import ApiKeyInterceptor
+from gateway.jobs.runner import JobRunner
+from gateway.jobs.sqlite_store import SqliteJobStore
 from gateway.orchestrator import GatewayLimits, Orchestrator
 from gateway.passthrough import LmPassthrough
 from gateway.servicer import GatewayServicer
@@ -37,6 +40,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--health-interval-s", type=float, default=env_default("health_interval_s", 1.0, float))
     parser.add_argument("--backend-wait-s", type=float, default=env_default("backend_wait_s", 600.0, float),
                         help="how long to wait at start-up for one healthy replica of each backend")
+    parser.add_argument("--job-dir", default=env_default("job_dir", str(Path(tempfile.gettempdir()) / "acestep-jobs")),
+                        help="folder of the embedded job store (SQLite + audio files); survives restarts")
+    parser.add_argument("--job-retention-s", type=float, default=env_default("job_retention_s", 86400.0, float),
+                        help="how long finished jobs and their files are kept")
     parser.add_argument("--tls-cert", default=env_default("tls_cert", ""))
     parser.add_argument("--tls-key", default=env_default("tls_key", ""))
     add_server_flags(parser, default_port=50050)
@@ -44,6 +51,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     if not args.dit:
         parser.error("--dit is required (at least one DiT replica)")
     return args
+
+
+def _no_deadline() -> None:
+    """Jobs outlive the call that started them: backend calls get no client deadline."""
+    return None
 
 
 def _targets(value: str) -> list[str]:
@@ -68,11 +80,14 @@ async def serve(args: argparse.Namespace) -> None:
     passthrough = LmPassthrough(orchestrator.lm, orchestrator.dit, args.max_audio_bytes)
     keys = (optional_env("api_keys") or "").split(",")
     interceptors = [ApiKeyInterceptor(keys)] if any(keys) else []
+    store = SqliteJobStore(args.job_dir, args.job_retention_s)
+    jobs = JobRunner(lambda request: orchestrator.generate(request, _no_deadline), store)
     binding = ServiceBinding(gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
-                             GatewayServicer(orchestrator, passthrough), "acestep.gateway.v1.GatewayService")
+                             GatewayServicer(orchestrator, passthrough, jobs), "acestep.gateway.v1.GatewayService")
     server = GrpcServer(config, [binding], interceptors, _credentials(args))
     port = await server.start()
     server.install_signal_handlers()
+    await jobs.start()
     for pool in filter(None, (lm_pool, dit_pool)):
         await pool.start()
         await pool.wait_ready(args.backend_wait_s)
@@ -81,6 +96,8 @@ async def serve(args: argparse.Namespace) -> None:
     log.info("gateway serving on port %d (lm: %s, dit: %s, auth: %s)", port, args.lm or "none", args.dit,
              "on" if interceptors else "off")
     await server.wait()
+    await jobs.stop()
+    await store.close()
     for pool in filter(None, (lm_pool, dit_pool)):
         await pool.close()
 

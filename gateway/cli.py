@@ -3,6 +3,8 @@
     acestep generate --caption "..." [--lyrics-file F] [--duration S] [--task-type cover --src-audio F]
                      [--batch-size N] [--audio-format flac] [--params p.json] [--config c.json] --out DIR
                      (every GenerationParams / GenerationConfig field has a flag: acestep generate --help)
+    acestep generate ... --detach                      (prints the job id)
+    acestep watch JOB_ID [--out DIR] / acestep get JOB_ID [--out DIR]
     acestep understand (--codes "<|audio_code_1|>..." | --audio F)
     acestep create-sample --query "..."
     acestep format-sample --caption "..." --lyrics-file F
@@ -17,7 +19,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from gateway import sdk
 from shared.pb.acestep.common.v1 import common_pb2
@@ -178,14 +180,31 @@ def _config(args: argparse.Namespace) -> GenerationConfig:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     params, config = _params(args), _config(args)
+    if args.detach:
+        print(sdk.submit(_client(args), params, config))
+        return 0
+    return _follow(args, lambda show: sdk.generate_music(_client(args), params, config, save_dir=args.out,
+                                                         on_event=show))
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    return _follow(args, lambda show: sdk.get_result(_client(args), args.job_id, save_dir=args.out, on_event=show))
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    return _follow(args, lambda show: sdk.get_result(_client(args), args.job_id, save_dir=args.out), quiet=True)
+
+
+def _follow(args: argparse.Namespace, run: Callable[[Callable[[Any], None]], Any], quiet: bool = False) -> int:
+    """Run a generation (live or a job), with a progress bar per stage, and print its files."""
     bar = StageBar()
     started = time.perf_counter()
 
     def show(event: Any) -> None:
-        if event.WhichOneof("event") == "progress":
+        if event.WhichOneof("event") == "progress" and not quiet:
             bar.update(event.progress)
 
-    result = sdk.generate_music(_client(args), params, config, save_dir=args.out, on_event=show)
+    result = run(show)
     bar.close()
     if not result.success:
         print(f"error: {result.error}", file=sys.stderr)
@@ -240,23 +259,30 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, temperature: float = 0.
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.serve import LocalStack
+    """Run the stack until SIGTERM or SIGINT (Ctrl-C), or until a service exits; then stop every
+    service (SIGTERM, SIGKILL of its process group after --stop-grace-s). If this process is killed
+    outright, the services get SIGTERM from the kernel and a watchdog SIGKILLs what is left."""
+    from gateway.serve import LocalStack, StopRequested
 
+    workdir = {"workdir": Path(args.workdir)} if args.workdir else {}
     stack = LocalStack(Path(args.checkpoints), lm_model=args.lm_model, dit_model=args.dit_model,
                        num_dit=args.num_dit, with_lm=not args.no_lm, device=args.device,
-                       gateway_args=["--port", str(args.port)] if args.port else [])
-    try:
-        address = stack.start()
-        print(f"gateway serving on {address} (logs in {stack.workdir}); Ctrl-C to stop", flush=True)
-        while all(s.process.poll() is None for s in stack.services.values()):
-            time.sleep(0.5)
-        print("a service exited; stopping the stack", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("stopping...", file=sys.stderr)
-        return 0
-    finally:
-        stack.stop()
+                       gateway_args=["--port", str(args.port)] if args.port else [],
+                       drain_grace_s=args.drain_grace_s, stop_grace_s=args.stop_grace_s, **workdir)
+    with stack.stop_on_signals():
+        try:
+            address = stack.start()
+            print(f"gateway serving on {address} (logs in {stack.workdir}); Ctrl-C to stop", flush=True)
+            exited = stack.wait_for_exit()
+            print(f"{exited.name} exited with {exited.process.returncode}; stopping the stack", file=sys.stderr,
+                  flush=True)
+            return 1
+        except (StopRequested, KeyboardInterrupt) as stop:
+            name = stop.signal_name if isinstance(stop, StopRequested) else "SIGINT"
+            print(f"{name}: stopping the stack...", file=sys.stderr, flush=True)
+            return 0
+        finally:
+            stack.stop()
 
 
 def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
@@ -276,6 +302,8 @@ def _generate_parser(sub) -> None:
     files.add_argument("--config", default=None, help="JSON object of GenerationConfig fields")
     files.add_argument("--lyrics-file", default=None, help="read --lyrics from this file")
     files.add_argument("--out", default="out", help="folder the audio files are written to")
+    files.add_argument("--detach", action="store_true",
+                       help="start the job and print its id (then: acestep watch ID / acestep get ID)")
     param_defaults = {f.name: _default_of(f) for f in dataclasses.fields(GenerationParams)}
     for title, names in PARAM_GROUPS:
         group = p.add_argument_group(f"GenerationParams: {title}")
@@ -299,6 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="acestep", description="ACE-Step serving stack client")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    for name, func, text in (("watch", cmd_watch, "follow a job (progress bars) and save its files"),
+                             ("get", cmd_get, "wait for a job and save its files")):
+        p = sub.add_parser(name, help=text)
+        _add_connection_flags(p)
+        p.add_argument("job_id")
+        p.add_argument("--out", default="out", help="folder the audio files are written to")
+        p.set_defaults(func=func)
     p = sub.add_parser("understand", help="audio codes or audio → caption, lyrics, metadata")
     _add_connection_flags(p)
     p.add_argument("--codes", default=None, help="audio codes ('<|audio_code_N|>...')")
@@ -329,7 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-dit", type=int, default=1)
     p.add_argument("--no-lm", action="store_true")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--port", type=int, default=50050)
+    p.add_argument("--port", type=int, default=50050, help="gateway port (0: any free port)")
+    p.add_argument("--workdir", default=None, help="folder of the services' logs and port files "
+                                                  "(default: a new temporary folder)")
+    p.add_argument("--drain-grace-s", type=float, default=5.0,
+                   help="how long each service lets in-flight requests finish once told to stop")
+    p.add_argument("--stop-grace-s", type=float, default=10.0,
+                   help="on SIGTERM/SIGINT: how long to wait for the services before SIGKILL of their "
+                        "process groups (a second signal does not wait)")
     p.set_defaults(func=cmd_serve)
     return parser
 

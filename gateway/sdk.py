@@ -3,7 +3,9 @@
 ``generate_music(client, params, config, save_dir=None, progress=None)``, ``understand_music``,
 ``create_sample`` and ``format_sample`` keep the seed API's signatures, with an
 :class:`AceStepClient` in place of the two handlers. Failures come back as ``success=False`` with
-``error`` set. :func:`stream_generate` yields the raw events for frontends (asyncio).
+``error`` set. :func:`stream_generate` yields the raw events for frontends (asyncio). Every
+generation is a job on the gateway: :func:`submit` starts one and returns its id, :func:`watch`
+follows it (resumable by sequence number) and :func:`get_result` collects it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
 import grpc
 
@@ -182,6 +184,48 @@ def generate_music(client: AceStepClient, params: GenerationParams, config: Gene
     return collector.to_result()
 
 
+def submit(client: AceStepClient, params: GenerationParams, config: GenerationConfig) -> str:
+    """Start a generation as a job and return its id at once (``grpc.RpcError`` when refused).
+    The job runs whether or not anybody watches it; follow it with :func:`watch` or collect it
+    with :func:`get_result`, from this process or any other, until the gateway's retention ends."""
+    reply = client.stub().Submit(build_request(params, config), timeout=client.timeout_s, metadata=client.metadata())
+    return reply.request_id
+
+
+def watch(client: AceStepClient, request_id: str, after_sequence: int = 0) -> Iterator[gw.GenerateEvent]:
+    """A job's events numbered above ``after_sequence`` (replayed), then live ones until it ends.
+    Each event carries its ``sequence``: pass the last one seen to resume after a dropped stream."""
+    yield from client.stub().Watch(gw.WatchRequest(request_id=request_id, after_sequence=after_sequence),
+                                   metadata=client.metadata())
+
+
+def get_result(client: AceStepClient, request_id: str, save_dir: Optional[str] = None,
+               progress: Optional[ProgressFn] = None,
+               on_event: Optional[Callable[[gw.GenerateEvent], None]] = None) -> GenerationResult:
+    """Wait for a job and return it as :func:`generate_music` would (files fetched from the gateway)."""
+    collector = _Collector(GenerationConfig(), save_dir, progress)
+    try:
+        for event in watch(client, request_id):
+            if on_event is not None:
+                on_event(event)
+            kind = event.WhichOneof("event")
+            if kind == "failed":
+                detail = event.failed.error
+                return GenerationResult(success=False, error=f"{detail.code}: {detail.message}",
+                                        status_message=f"Error: {detail.message}")
+            if kind == "item_finished":
+                item = event.item_finished
+                collector.config = dataclasses.replace(
+                    collector.config, audio_format=convert.AUDIO_FORMAT_FROM_PB.get(item.format, "flac"))
+                chunks = client.stub().GetAudio(gw.GetAudioRequest(request_id=request_id, item_index=item.item_index),
+                                                metadata=client.metadata())
+                collector.files[item.item_index] = bytearray(b"".join(chunk.data for chunk in chunks))
+            collector.feed(event)
+    except grpc.RpcError as error:
+        return GenerationResult(success=False, error=_error_text(error), status_message=f"Error: {error.details()}")
+    return collector.to_result()
+
+
 async def stream_generate(client: AceStepClient, params: GenerationParams, config: GenerationConfig,
                           stream_pcm: bool = True) -> AsyncIterator[gw.GenerateEvent]:
     """The raw event stream (accepted, progress, LM result, PCM chunks, files, result) for frontends.
@@ -252,5 +296,5 @@ def format_sample(client: AceStepClient, caption: str, lyrics: str,
 __all__ = [
     "AceStepClient", "GenerationParams", "GenerationConfig", "GenerationResult", "UnderstandResult",
     "CreateSampleResult", "FormatSampleResult", "generate_music", "stream_generate", "understand_music",
-    "create_sample", "format_sample",
+    "create_sample", "format_sample", "submit", "watch", "get_result",
 ]

@@ -6,10 +6,17 @@ from typing import AsyncIterator, Optional
 
 import grpc
 
+from gateway.jobs.runner import END_OF_STREAM, JobRunner, caller_of, job_to_pb
 from gateway.orchestrator import Orchestrator
 from gateway.passthrough import LmPassthrough
+from shared.errors import Cancelled, DeadlineExceeded, Internal, InvalidArgument, NotFound
+from shared.errors import ResourceExhausted, Unauthenticated
 from shared.pb.acestep.gateway.v1 import gateway_pb2 as gw
 from shared.pb.acestep.gateway.v1 import gateway_pb2_grpc
+
+_ERRORS_BY_CODE = {cls.grpc_code_name: cls for cls in (Cancelled, DeadlineExceeded, Internal, InvalidArgument,
+                                                         NotFound, ResourceExhausted, Unauthenticated)}
+MAX_LISTED_JOBS = 200
 
 
 def _deadline(context: grpc.aio.ServicerContext):
@@ -22,14 +29,79 @@ def _deadline(context: grpc.aio.ServicerContext):
     return remaining
 
 
+def _raise_failure(failed: gw.JobFailed) -> None:
+    """A job's ``failed`` event as the error a Generate stream ends with."""
+    detail = failed.error
+    error = _ERRORS_BY_CODE.get(detail.code, Internal)(detail.message, field=detail.field or None)
+    if detail.stage:
+        error.stage = detail.stage
+    raise error
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    def __init__(self, orchestrator: Orchestrator, passthrough: LmPassthrough) -> None:
+    """Every generation runs as a job (``gateway.jobs``): Generate starts one and streams it live,
+    Submit starts one and returns, Watch follows one from any point of its log."""
+
+    def __init__(self, orchestrator: Orchestrator, passthrough: LmPassthrough, jobs: JobRunner) -> None:
         self.orchestrator = orchestrator
         self.passthrough = passthrough
+        self.jobs = jobs
 
     async def Generate(self, request: gw.GenerateRequest, context) -> AsyncIterator[gw.GenerateEvent]:
-        async for event in self.orchestrator.generate(request, _deadline(context)):
+        caller = caller_of(context.invocation_metadata())
+        accepted, queue = await self.jobs.start_job(request, caller, subscribe=True)
+        request_id = accepted.accepted.request_id
+        try:
+            while True:
+                event = await queue.get()
+                if event is END_OF_STREAM:
+                    return
+                if event.WhichOneof("event") == "failed":
+                    _raise_failure(event.failed)
+                yield event
+        finally:
+            self.jobs.leave(request_id, queue)
+
+    async def Submit(self, request: gw.GenerateRequest, context) -> gw.SubmitResponse:
+        accepted, _ = await self.jobs.start_job(request, caller_of(context.invocation_metadata()))
+        return gw.SubmitResponse(request_id=accepted.accepted.request_id,
+                                 queue_position=accepted.accepted.queue_position)
+
+    async def _own_job(self, request_id: str, context):
+        record = await self.jobs.store.get(request_id) if request_id else None
+        if record is None or record.caller != caller_of(context.invocation_metadata()):
+            raise NotFound(f"no job {request_id!r}", field="request_id")
+        return record
+
+    async def Watch(self, request: gw.WatchRequest, context) -> AsyncIterator[gw.GenerateEvent]:
+        await self._own_job(request.request_id, context)
+        if request.after_sequence < 0:
+            raise InvalidArgument(f"after_sequence must be >= 0, got {request.after_sequence}",
+                                  field="after_sequence")
+        async for event in self.jobs.watch(request.request_id, request.after_sequence):
             yield event
+
+    async def GetJob(self, request: gw.JobRequest, context) -> gw.Job:
+        return job_to_pb(await self._own_job(request.request_id, context))
+
+    async def CancelJob(self, request: gw.JobRequest, context) -> gw.Job:
+        await self._own_job(request.request_id, context)
+        await self.jobs.cancel(request.request_id)
+        return job_to_pb(await self._own_job(request.request_id, context))
+
+    async def ListJobs(self, request: gw.ListJobsRequest, context) -> gw.ListJobsResponse:
+        if not 0 <= request.limit <= MAX_LISTED_JOBS:
+            raise InvalidArgument(f"limit must be in [0, {MAX_LISTED_JOBS}], got {request.limit}", field="limit")
+        records = await self.jobs.store.list(caller_of(context.invocation_metadata()), request.limit or 50)
+        return gw.ListJobsResponse(jobs=[job_to_pb(record) for record in records])
+
+    async def GetAudio(self, request: gw.GetAudioRequest, context) -> AsyncIterator[gw.AudioChunk]:
+        record = await self._own_job(request.request_id, context)
+        if not any(f.item_index == request.item_index for f in record.files):
+            raise NotFound(f"job {request.request_id!r} has no finished item {request.item_index}",
+                           field="item_index")
+        async for chunk in self.jobs.audio(request.request_id, request.item_index):
+            yield chunk
 
     async def Understand(self, request: gw.UnderstandRequest, context) -> gw.UnderstandResponse:
         return await self.passthrough.understand(request, _deadline(context))

@@ -14,7 +14,7 @@ _STAGES = {"lm_metadata": common_pb2.STAGE_LM_METADATA, "lm_codes": common_pb2.S
 
 def plan_input(request: lm_pb2.PlanRequest) -> PlanInput:
     params = convert.params_from_pb(request.params)
-    validate_params(params)
+    validate_params(params, with_uploads=False)  # the gateway keeps the uploads to itself
     check_range("num_items", request.num_items, 1, 8)
     seeds = list(request.seeds)
     if len(seeds) > request.num_items:

@@ -48,6 +48,12 @@ class DeadlineExceeded(AceStepError):
     grpc_code_name = "DEADLINE_EXCEEDED"
 
 
+class NotFound(AceStepError):
+    """The named job, file or adapter does not exist (or is not the caller's)."""
+
+    grpc_code_name = "NOT_FOUND"
+
+
 class Unauthenticated(AceStepError):
     """Missing or wrong credentials."""
 

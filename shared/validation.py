@@ -165,11 +165,10 @@ def check_tracks(params: GenerationParams) -> None:
 CAPTION_TASKS = ("cover", "repaint", "lego", "complete")
 
 
-def check_task_inputs(params: GenerationParams) -> None:
-    """What each task type needs, as the documents list it: text2music a caption or lyrics;
-    cover, repaint, lego and complete a caption; lego, extract and complete the track(s) to work
-    on (``track_name`` / ``track_classes``, or named in the instruction); tasks that transform audio
-    the source audio (cover may use audio codes instead)."""
+def check_task_requirements(params: GenerationParams) -> None:
+    """What each task type needs, as the documents list it (checked at the gateway): text2music a
+    caption or lyrics; cover, repaint, lego and complete a caption; lego, extract and complete the
+    track(s) to work on (``track_name`` / ``track_classes``, or named in the instruction)."""
     task = params.task_type
     if task == "text2music" and not params.caption.strip() and not params.lyrics.strip():
         raise InvalidArgument("task_type 'text2music' needs a caption or lyrics (at least one)", field="caption")
@@ -180,6 +179,11 @@ def check_task_inputs(params: GenerationParams) -> None:
         field = "track_classes" if task == "complete" else "track_name"
         raise InvalidArgument(f"task_type {task!r} needs the track: set {field} (one of "
                               f"{', '.join(c.TRACK_NAMES)}) or name it in the instruction", field=field)
+
+
+def check_task_inputs(params: GenerationParams) -> None:
+    """Tasks that transform audio need the source audio (cover may use audio codes instead)."""
+    task = params.task_type
     if task not in SOURCE_TASKS or params.src_audio:
         return
     if task == "cover" and params.audio_codes.strip():
@@ -204,8 +208,9 @@ def check_repaint_window(params: GenerationParams) -> None:
         )
 
 
-def validate_params(params: GenerationParams) -> None:
-    """Check every field of GenerationParams; raises InvalidArgument on the first violation."""
+def validate_params(params: GenerationParams, with_uploads: bool = True) -> None:
+    """Check every field of GenerationParams; raises InvalidArgument on the first violation.
+    ``with_uploads=False``: the audio uploads were left out on purpose (what the LM receives)."""
     check_choice("task_type", params.task_type, c.TASK_TYPES)
     check_choice("infer_method", params.infer_method, c.INFER_METHODS)
     for name, limit in _TEXT_LIMITS.items():
@@ -232,7 +237,8 @@ def validate_params(params: GenerationParams) -> None:
         if len(codes) > max_codes:
             raise InvalidArgument(f"audio_codes must hold at most {max_codes} codes (600 s), got {len(codes)}",
                                   field="audio_codes")
-    check_task_inputs(params)
+    if with_uploads:
+        check_task_inputs(params)
 
 
 def validate_config(config: GenerationConfig) -> None:
@@ -247,7 +253,9 @@ def validate_config(config: GenerationConfig) -> None:
 
 
 def validate_generation(params: GenerationParams, config: GenerationConfig) -> None:
+    """A whole request as the gateway receives it."""
     validate_params(params)
+    check_task_requirements(params)
     validate_config(config)
 
 

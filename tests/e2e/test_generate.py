@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from gateway import sdk
 from shared.audio_codes import format_codes
@@ -51,7 +52,9 @@ def test_text2music_with_thinking_plans_then_synthesizes(client, tmp_path: Path)
     # The CoT always starts with bpm; later fields can be jumped over by the reference's decoder (free
     # text after the caption may name a later field), but what it writes is valid.
     assert lm.metadata.HasField("bpm") and 30 <= lm.metadata.bpm <= 300
-    assert lm.metadata.keyscale in KEYSCALES or (lm.metadata.keyscale == "" and "keyscale" not in lm.cot_text)
+    planned = yaml.safe_load(lm.cot_text.removeprefix("<think>").removesuffix("</think>")) or {}
+    assert set(planned) <= {"bpm", "caption", "duration", "keyscale", "language", "timesignature"}
+    assert lm.metadata.keyscale in KEYSCALES or (lm.metadata.keyscale == "" and "keyscale" not in planned)
     assert [item.item_index for item in lm.codes] == [0]
     codes = list(lm.codes[0].codes)
     assert len(codes) == CODES_FOR_10_S and all(0 <= code <= MAX_AUDIO_CODE for code in codes)
@@ -60,7 +63,7 @@ def test_text2music_with_thinking_plans_then_synthesizes(client, tmp_path: Path)
     assert resolved["cot_bpm"] == lm.metadata.bpm and 30 <= resolved["cot_bpm"] <= 300
     assert resolved["cot_keyscale"] == lm.metadata.keyscale
     assert resolved["cot_timesignature"] == lm.metadata.timesignature
-    assert lm.metadata.timesignature in VALID_TIME_SIGNATURES or "timesignature" not in lm.cot_text
+    assert lm.metadata.timesignature in VALID_TIME_SIGNATURES or "timesignature" not in planned
     assert resolved["cot_duration"] == 10.0  # the user's duration wins over the plan
     assert resolved["bpm"] == resolved["cot_bpm"]  # left open by the user, filled by the LM
 

@@ -66,4 +66,6 @@ def test_cli_lm_helpers_print_their_results(address: str, tmp_path: Path) -> Non
         assert result["success"] is True and result["error"] is None
         assert 30 <= result["bpm"] <= 300  # the constrained CoT always starts with bpm
     assert created["instrumental"] is True
-    assert (formatted["bpm"], formatted["duration"]) == (95, 40.0)  # the user's values are kept verbatim
+    # the user's bpm is written verbatim (bpm comes before the caption; the reference's decoder can
+    # jump over later fields, user values included, when the free text after the caption names one)
+    assert formatted["bpm"] == 95

@@ -1,0 +1,1 @@
+"""Jobs: generations that outlive the connection that started them (store + runner)."""

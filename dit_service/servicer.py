@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator
 
 from dit_service import convert
 from dit_service.engine import DitEngine
+from dit_service.events import FileChunk, ItemDone, PcmChunk
+from shared import faults
 from shared.errors import InvalidArgument
 from shared.pb.acestep.dit.v1 import dit_pb2, dit_pb2_grpc
 from shared.pb.acestep.common.v1 import common_pb2
@@ -38,13 +40,15 @@ def _span_stage(message: dit_pb2.SynthesizeEvent) -> str:
 class DitServicer(dit_pb2_grpc.DitServiceServicer):
     def __init__(self, engine: DitEngine) -> None:
         self.engine = engine
+        self.test_fault = faults.configured_fault()  # "" outside the reliability tests
 
     async def Synthesize(self, request: dit_pb2.SynthesizeRequest, context) -> AsyncIterator[dit_pb2.SynthesizeEvent]:
         synthesis = convert.synthesis_request(request, context.time_remaining())
         validate_params(convert.params_for_validation(synthesis))
         spans = StageSpans(__name__, "dit")
         try:
-            async for event in self.engine.submit(synthesis):
+            events = faults.inject(self.engine.submit(synthesis), (PcmChunk, FileChunk, ItemDone), self.test_fault)
+            async for event in events:
                 message = convert.synthesize_event(event)
                 spans.enter(_span_stage(message))
                 yield message

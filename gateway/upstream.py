@@ -69,12 +69,14 @@ class ReplicaPool:
     """The replicas of one backend; ``lease()`` picks the least-loaded healthy one."""
 
     def __init__(self, backend: str, targets: list[str], stub_factory: Callable[[grpc.aio.Channel], object],
-                 health_interval_s: float = 1.0, credentials: Optional[grpc.ChannelCredentials] = None) -> None:
+                 health_interval_s: float = 1.0, credentials: Optional[grpc.ChannelCredentials] = None,
+                 resolve_interval_s: float = 10.0) -> None:
         self.backend = backend
         self.targets = targets
         self.stub_factory = stub_factory
         self.health_interval_s = health_interval_s
         self.credentials = credentials
+        self.resolve_interval_s = resolve_interval_s  # how often ``dns:///`` targets are re-resolved
         self.replicas: dict[str, Replica] = {}
         self._refresh_task: Optional[asyncio.Task] = None
 
@@ -101,7 +103,7 @@ class ReplicaPool:
 
     async def _refresh_loop(self) -> None:
         while True:
-            await asyncio.sleep(10.0)
+            await asyncio.sleep(self.resolve_interval_s)
             self._sync_addresses()
 
     async def _watch(self, replica: Replica) -> None:

@@ -25,6 +25,7 @@ class LmServicer(lm_pb2_grpc.LmServiceServicer):
         self.tasks = tasks
         self.admission = Admission("LM service", max_active, max_queued, AdmissionMetrics(
             active=metrics.LM_ACTIVE_WORK, queued=metrics.LM_QUEUE_DEPTH, rejected=metrics.LM_REJECTED))
+        self.test_fault = faults.configured_fault()  # "" outside the reliability tests
 
     async def Plan(self, request: lm_pb2.PlanRequest, context) -> AsyncIterator[lm_pb2.PlanEvent]:
         plan = lm_convert.plan_input(request)

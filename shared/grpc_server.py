@@ -72,17 +72,46 @@ async def abort_with(context: grpc.aio.ServicerContext, error: AceStepError) -> 
     await context.abort(code, message, error_metadata(code, message, bounded(error.field or "", 256), stage))
 
 
-class _Call:
-    """Bookkeeping of one RPC: request id, in-flight gauge, latency and outcome metrics."""
+class _InFlight:
+    """How many application RPCs are running; a drain waits until none is."""
 
-    def __init__(self, service: str, method: str, request: Any) -> None:
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """True once no RPC runs, False if some still do after ``timeout_s``."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+
+class _Call:
+    """Bookkeeping of one RPC: request id, in-flight count and gauge, latency and outcome metrics."""
+
+    def __init__(self, service: str, method: str, request: Any, in_flight: _InFlight) -> None:
         self.labels = (service, method)
+        self.in_flight = in_flight
+        in_flight.enter()
         self.code = "OK"
         self.start = time.perf_counter()
         self.token = request_id_var.set(bounded(getattr(request, "request_id", "") or "-", MAX_REQUEST_ID_BYTES))
         metrics.RPC_IN_FLIGHT.labels(*self.labels).inc()
 
     def close(self) -> None:
+        self.in_flight.leave()
         metrics.RPC_IN_FLIGHT.labels(*self.labels).dec()
         metrics.RPC_LATENCY.labels(*self.labels).observe(time.perf_counter() - self.start)
         metrics.RPC_REQUESTS.labels(*self.labels, self.code).inc()
@@ -109,9 +138,9 @@ class _Call:
         await context.abort(grpc.StatusCode.INTERNAL, message, error_metadata(grpc.StatusCode.INTERNAL, message))
 
 
-def _wrap_unary(behavior: Callable, service: str, method: str) -> Callable:
+def _wrap_unary(behavior: Callable, service: str, method: str, in_flight: _InFlight) -> Callable:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = _Call(service, method, request)
+        call = _Call(service, method, request, in_flight)
         try:
             _check_parsed(request)
             return await behavior(request, context)
@@ -123,9 +152,9 @@ def _wrap_unary(behavior: Callable, service: str, method: str) -> Callable:
     return handler
 
 
-def _wrap_stream(behavior: Callable, service: str, method: str) -> Callable:
+def _wrap_stream(behavior: Callable, service: str, method: str, in_flight: _InFlight) -> Callable:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = _Call(service, method, request)
+        call = _Call(service, method, request, in_flight)
         result = None
         try:
             _check_parsed(request)
@@ -201,6 +230,7 @@ class ErrorMetricsInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, service_name: str = "server") -> None:
         self.service_name = service_name
         self.draining = False
+        self.in_flight = _InFlight()
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
@@ -212,13 +242,13 @@ class ErrorMetricsInterceptor(grpc.aio.ServerInterceptor):
         service, _, method = details.method.lstrip("/").rpartition("/")
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, service, method),
+                _wrap_unary(handler.unary_unary, service, method, self.in_flight),
                 request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, service, method),
+                _wrap_stream(handler.unary_stream, service, method, self.in_flight),
                 request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
@@ -285,12 +315,22 @@ class GrpcServer:
         await self._set_status(health_pb2.HealthCheckResponse.SERVING)
 
     async def drain(self, grace_s: Optional[float] = None) -> None:
-        """Report NOT_SERVING, refuse new RPCs, let in-flight ones finish within the grace period."""
+        """Report NOT_SERVING, refuse new RPCs, let in-flight ones finish within the grace period.
+
+        The transport stays up until the in-flight RPCs are done (or the grace period is over),
+        so every call that arrives meanwhile is refused with UNAVAILABLE by the interceptor, never
+        cut off by a closing transport (which clients may see as CANCELLED)."""
         grace = self.config.drain_grace_s if grace_s is None else grace_s
-        log.info("draining %s (grace %.1f s)", self.config.service_name, grace)
+        log.info("draining %s (grace %.1f s, %d RPCs in flight)", self.config.service_name, grace,
+                 self.errors.in_flight.count)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         self.errors.draining = True
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        if not await self.errors.in_flight.wait_idle(max(0.0, deadline - loop.time())):
+            log.warning("%s: drain grace period over with %d RPCs in flight; cancelling them",
+                        self.config.service_name, self.errors.in_flight.count)
+        await self.server.stop(max(0.0, deadline - loop.time()))
         self._stopped.set()
 
     def install_signal_handlers(self) -> None:

@@ -20,7 +20,7 @@ NUM_CODES = 12
 
 
 def test_vllm_generates_audio_codes_from_the_tiny_lm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    vllm = pytest.importorskip("vllm")
+    import vllm  # here, not at the top: collecting the fast tests should not pay for importing vLLM
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     tc.write_all(tmp_path, seed=0, steps=[tc.WriterStep(tc.LM_DIR, tc.write_lm)])
     llm = vllm.LLM(model=str(tmp_path / tc.LM_DIR), dtype="float32", enforce_eager=True, max_model_len=4096, seed=0)

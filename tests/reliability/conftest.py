@@ -2,9 +2,14 @@
 
 One shared stack (2 LM + 2 DiT replicas behind a gateway with low admission limits) serves the
 load, fuzz and auth tests. A test that kills or drains processes declares the replicas it
-sacrifices with ``@pytest.mark.spares(lm=N, dit=M)``: those spares start beside the shared stack
-(their start-up overlaps its own; slow-starting LMs are worth it, DiTs may also start on demand)
-and the test puts its own gateway in front of its spares plus shared survivors. Shared replicas are never killed or drained, so test order does not matter.
+sacrifices with ``@pytest.mark.spares(lm=N, dit=M, fault=...)``: those spares start beside the shared
+stack (their start-up overlaps its own; slow-starting LMs are worth it, DiTs may also start on
+demand) and the test puts its own gateway in front of its spares plus shared survivors. Shared
+replicas are never killed or drained, so test order does not matter.
+
+A spare may start with a test fault (``shared.faults``, ``ACESTEP_TEST_FAULT``) that holds each of
+its streaming calls at its first output until the process dies, so that a test that kills it finds
+it mid-call whatever the load of the machine. Shared replicas and gateways never have one.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway import sdk
 from gateway.serve import LocalStack, ServiceProcess
 from devtools import tiny_checkpoints as tc
+from shared import faults
 from shared.grpc_server import ERROR_DETAIL_KEY
 from shared.pb.acestep.common.v1 import common_pb2
 from shared.pb.acestep.gateway.v1 import gateway_pb2 as gw
@@ -35,6 +41,9 @@ from shared.types import GenerationConfig, GenerationParams
 
 SONG_S = 10.0
 CALL_TIMEOUT_S = 120.0            # deadline of every Generate call the tests make
+# Drain grace of the test's own gateways and spares: longer than any call's deadline, so a call in
+# flight at SIGTERM ends on its own (done or past its deadline) however slow the machine is.
+DRAIN_GRACE_S = CALL_TIMEOUT_S + 30.0
 STARTUP_TIMEOUT_S = 600.0
 MAX_ACTIVE, MAX_QUEUED = 3, 3     # shared gateway admission: low, so that load gets refused
 MAX_AUDIO_BYTES = 4 * 1024 * 1024
@@ -42,34 +51,44 @@ HEALTH_INTERVAL_S = 0.5
 OUTPUT_KINDS = ("audio", "file", "item_finished")
 # Small KV caches (the tiny LM needs a few MiB) keep five-plus model processes within memory;
 # an API key set in the caller's environment must not switch auth on for the shared gateway.
-STACK_ENV = {"ACESTEP_LM_KV_CACHE_GIB": "0.25", "ACESTEP_API_KEYS": "", "TOKENIZERS_PARALLELISM": "false"}
+STACK_ENV = {"ACESTEP_LM_KV_CACHE_GIB": "0.25", "ACESTEP_API_KEYS": "", "TOKENIZERS_PARALLELISM": "false",
+             "ACESTEP_TEST_FAULT": ""}
 SHARED_GATEWAY_ARGS = ["--max-active", str(MAX_ACTIVE), "--max-queued", str(MAX_QUEUED),
                        "--max-audio-bytes", str(MAX_AUDIO_BYTES), "--health-interval-s", str(HEALTH_INTERVAL_S)]
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "spares(lm=0, dit=0): replicas the test kills or drains, started "
-                                       "beside the shared stack (others start on demand)")
+    config.addinivalue_line("markers", "spares(lm=0, dit=0, fault=''): replicas the test kills or drains, "
+                                       "started beside the shared stack with that test fault (others start "
+                                       "on demand)")
 
 
-def _spare_counts(items: Sequence[pytest.Item]) -> tuple[int, int]:
-    num_lm = num_dit = 0
+def _spare_counts(items: Sequence[pytest.Item]) -> dict[str, tuple[int, int]]:
+    """(LM count, DiT count) of the spares to pre-start, by test fault ("" for none)."""
+    counts: dict[str, tuple[int, int]] = {}
     for item in items:
         for mark in item.iter_markers("spares"):
-            num_lm += mark.kwargs.get("lm", 0)
-            num_dit += mark.kwargs.get("dit", 0)
-    return num_lm, num_dit
+            fault = mark.kwargs.get("fault", "")
+            num_lm, num_dit = counts.get(fault, (0, 0))
+            counts[fault] = (num_lm + mark.kwargs.get("lm", 0), num_dit + mark.kwargs.get("dit", 0))
+    return counts
+
+
+def _spare_env(fault: str) -> dict[str, str]:
+    if fault and fault not in faults.TEST_FAULTS:
+        raise ValueError(f"unknown test fault {fault!r}; one of {faults.TEST_FAULTS}")
+    return {**STACK_ENV, "ACESTEP_TEST_FAULT": fault}
 
 
 @dataclass
 class Fleet:
-    """The shared stack plus spare replicas: pre-started ones and any started on demand."""
+    """The shared stack plus spare replicas: pre-started ones (by test fault) and any started on demand."""
 
     checkpoints: Path
     shared: LocalStack
-    spares: Optional[LocalStack]
+    spares: dict[str, LocalStack]
     workdir: Path
-    _taken: set[str] = field(default_factory=set)
+    _taken: set[tuple[str, str]] = field(default_factory=set)
     _on_demand: list[LocalStack] = field(default_factory=list)
 
     @property
@@ -80,19 +99,19 @@ class Fleet:
         """A shared service: "lm0", "lm1", "dit0", "dit1" or "gateway"."""
         return self.shared.services[name]
 
-    def take_spare(self, kind: str) -> ServiceProcess:
-        """A replica of ``kind`` ("lm" or "dit") that no test used before, once it serves: a
-        pre-started one if any is left, else one started now."""
-        candidates = self.spares.services.items() if self.spares is not None else ()
+    def take_spare(self, kind: str, fault: str = "") -> ServiceProcess:
+        """A replica of ``kind`` ("lm" or "dit") with test fault ``fault`` ("" for none) that no test
+        used before, once it serves: a pre-started one if any is left, else one started now."""
+        candidates = self.spares[fault].services.items() if fault in self.spares else ()
         for name, service in candidates:
-            if name.startswith(kind) and name not in self._taken:
-                self._taken.add(name)
+            if name.startswith(kind) and (fault, name) not in self._taken:
+                self._taken.add((fault, name))
                 service.wait_port(STARTUP_TIMEOUT_S)
                 return service
         workdir = self.workdir / f"spare{len(self._on_demand)}"
         workdir.mkdir()
         stack = LocalStack(self.checkpoints, num_dit=int(kind == "dit"), num_lm=int(kind == "lm"),
-                           extra_env=STACK_ENV, drain_grace_s=30.0, workdir=workdir)
+                           extra_env=_spare_env(fault), drain_grace_s=DRAIN_GRACE_S, workdir=workdir)
         self._on_demand.append(stack)
         stack.start_backends()
         service = next(iter(stack.services.values()))
@@ -100,7 +119,7 @@ class Fleet:
         return service
 
     def stop(self) -> None:
-        for stack in [self.shared, *([self.spares] if self.spares else []), *self._on_demand]:
+        for stack in [self.shared, *self.spares.values(), *self._on_demand]:
             stack.stop()
 
 
@@ -116,18 +135,16 @@ def _write_checkpoints(root: Path) -> Path:
 @pytest.fixture(scope="session")
 def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     checkpoints = _write_checkpoints(tmp_path_factory.mktemp("tiny-checkpoints"))
-    num_lm, num_dit = _spare_counts(request.session.items)
     shared = LocalStack(checkpoints, num_dit=2, num_lm=2, extra_env=STACK_ENV, gateway_args=SHARED_GATEWAY_ARGS,
                         drain_grace_s=5.0, workdir=tmp_path_factory.mktemp("shared-stack"))
-    spares = None
-    if num_lm or num_dit:
-        spares = LocalStack(checkpoints, num_dit=num_dit, num_lm=num_lm, extra_env=STACK_ENV, drain_grace_s=30.0,
-                            workdir=tmp_path_factory.mktemp("spares"))
+    spares = {fault: LocalStack(checkpoints, num_dit=num_dit, num_lm=num_lm, extra_env=_spare_env(fault),
+                                drain_grace_s=DRAIN_GRACE_S, workdir=tmp_path_factory.mktemp("spares"))
+              for fault, (num_lm, num_dit) in _spare_counts(request.session.items).items() if num_lm or num_dit}
     fleet = Fleet(checkpoints, shared, spares, tmp_path_factory.mktemp("more"))
     try:
         shared.start_backends()
-        if spares is not None:
-            spares.start_backends()
+        for stack in spares.values():
+            stack.start_backends()
         for service in list(shared.services.values()):
             service.wait_port(STARTUP_TIMEOUT_S)
         shared.start_gateway(STARTUP_TIMEOUT_S)
@@ -167,12 +184,13 @@ def live_group_members(pgid: int) -> list[int]:
 
 
 @pytest.fixture
-def spares(fleet: Fleet) -> Iterator[Callable[[str], ServiceProcess]]:
-    """``spares("lm" | "dit")``: take a spare replica; whatever is left of it is stopped afterwards."""
+def spares(fleet: Fleet) -> Iterator[Callable[..., ServiceProcess]]:
+    """``spares("lm" | "dit", fault="")``: take a spare replica (with that test fault, see
+    ``shared.faults``); whatever is left of it is stopped afterwards."""
     taken: list[ServiceProcess] = []
 
-    def take(kind: str) -> ServiceProcess:
-        taken.append(fleet.take_spare(kind))
+    def take(kind: str, fault: str = "") -> ServiceProcess:
+        taken.append(fleet.take_spare(kind, fault))
         return taken[-1]
 
     yield take
@@ -203,7 +221,7 @@ def spawn_gateway(workdir: Path, name: str, dit: Sequence[ServiceProcess], lm: S
     port_file, log_path = workdir / f"{name}.port", workdir / f"{name}.log"
     command = [sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
                "--port-file", str(port_file), "--health-interval-s", str(HEALTH_INTERVAL_S),
-               "--drain-grace-s", "30", "--dit", ",".join(s.address for s in dit)]
+               "--drain-grace-s", str(DRAIN_GRACE_S), "--dit", ",".join(s.address for s in dit)]
     if lm:
         command += ["--lm", ",".join(s.address for s in lm)]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **STACK_ENV, **env}
@@ -274,18 +292,13 @@ class CallResult:
 
 
 class Stream:
-    """One Generate call running as a task. ``kinds`` fills in as events arrive; with
-    ``pause_after_output`` the client stops reading at its first output until ``resume`` is set
-    (gRPC flow control then holds the server side back)."""
+    """One Generate call running as a task. ``kinds`` fills in as events arrive."""
 
     def __init__(self, address: str, request: gw.GenerateRequest, *, timeout_s: float = CALL_TIMEOUT_S,
-                 metadata: Sequence[tuple[str, str]] = (), pause_after_output: bool = False) -> None:
+                 metadata: Sequence[tuple[str, str]] = ()) -> None:
         self.kinds: list[str] = []
         self.first_output = asyncio.Event()
         self.accepted = asyncio.Event()
-        self.resume = asyncio.Event()
-        if not pause_after_output:
-            self.resume.set()
         self.task = asyncio.ensure_future(self._run(address, request, timeout_s, tuple(metadata)))
 
     @property
@@ -300,21 +313,20 @@ class Stream:
                                                                          metadata=metadata)
             try:
                 async for event in call:
-                    await self._observe(event)
+                    self._observe(event)
                     if event.WhichOneof("event") == "result":
                         result = event.result
             except grpc.aio.AioRpcError as error:
                 return CallResult(error.code().name, self.kinds, error.details() or "", error_detail(error))
         return CallResult("OK", self.kinds, result=result)
 
-    async def _observe(self, event: gw.GenerateEvent) -> None:
+    def _observe(self, event: gw.GenerateEvent) -> None:
         kind = event.WhichOneof("event")
         self.kinds.append(kind)
         if kind == "accepted":
             self.accepted.set()
-        if kind in OUTPUT_KINDS and not self.first_output.is_set():
+        if kind in OUTPUT_KINDS:
             self.first_output.set()
-            await self.resume.wait()
 
     async def outcome(self, timeout_s: float = CALL_TIMEOUT_S + 10) -> CallResult:
         return await asyncio.wait_for(self.task, timeout_s)

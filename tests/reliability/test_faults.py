@@ -4,6 +4,10 @@ Each test runs its own gateway in front of sacrificial spare replicas plus repli
 stack, which survive. A request that had streamed no output when its replica died is retried on a
 survivor and completes; one that had already streamed output cannot be replayed and fails with a
 status that names the stage; the gateway keeps serving with the survivors afterwards.
+
+The victims run with a test fault (``shared.faults``) that holds each of their calls just before
+(or just after) its first output until the kill, so they are always mid-call when killed, however
+loaded the machine is; the survivors run without one.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 
 import pytest
 
+from shared.faults import PAUSE_AFTER_FIRST_OUTPUT, PAUSE_BEFORE_FIRST_OUTPUT
 from tests.reliability.conftest import (
     Fleet,
     Stream,
@@ -36,18 +41,19 @@ async def _still_serves(address: str) -> None:
         assert_song_result(outcome, request)
 
 
-@pytest.mark.spares(lm=1)
+@pytest.mark.spares(lm=1, fault=PAUSE_BEFORE_FIRST_OUTPUT)
 async def test_replicas_killed_before_any_output_are_retried_on_survivors(fleet: Fleet, spares, gateways) -> None:
-    victim_lm, victim_dit = spares("lm"), spares("dit")
+    victim_lm = spares("lm", fault=PAUSE_BEFORE_FIRST_OUTPUT)
+    victim_dit = spares("dit", fault=PAUSE_BEFORE_FIRST_OUTPUT)
     survivor_lm, survivor_dit = fleet.service("lm0"), fleet.service("dit0")
     gateway = gateways("faults-before-output", dit=[victim_dit, survivor_dit], lm=[victim_lm, survivor_lm])
     # Two planned requests occupy one LM each; two 4-item requests go straight to one DiT each.
+    # Whatever reaches a victim stays there, held before its first output, until the kill.
     requests = [song_request(thinking=True, seed=1), song_request(thinking=True, seed=2),
                 song_request(thinking=False, batch_size=4, seed=10), song_request(thinking=False, batch_size=4, seed=20)]
     streams = [Stream(gateway.address, request) for request in requests]
     await wait_until(lambda: in_flight(victim_lm, "Plan") >= 1 and in_flight(victim_dit, "Synthesize") >= 1,
-                     60.0, "calls in flight on both victims")
-    assert not any(s.saw_output for s in streams), "precondition: nothing streamed yet"
+                     120.0, "calls in flight on both victims")
     kill_hard(victim_lm)
     kill_hard(victim_dit)
 
@@ -57,10 +63,9 @@ async def test_replicas_killed_before_any_output_are_retried_on_survivors(fleet:
     retries = {b: metric(gateway, "acestep_gateway_retries_total", backend=b) for b in ("lm", "dit")}
     print(f"kill -9 of an LM and a DiT replica: {len(outcomes)}/{len(requests)} requests completed, "
           f"retries {retries}")
-    # Every request completed although both victims were killed with calls in flight, so each call
-    # that was cut off was retried. On a saturated host a victim's call can also finish in the
-    # instant before the kill (its in-flight gauge lags), so not every backend need show a retry.
-    assert retries["lm"] + retries["dit"] >= 1
+    # Each victim was cut off with a call in flight that had streamed no output: each such call
+    # was retried on a survivor (and, above, completed there).
+    assert retries["lm"] >= 1 and retries["dit"] >= 1, retries
     await wait_until(lambda: not live_group_members(victim_lm.process.pid), 30.0,
                      "the killed LM's engine processes to be gone")
 
@@ -73,29 +78,21 @@ async def test_replicas_killed_before_any_output_are_retried_on_survivors(fleet:
 
 
 async def test_dit_killed_after_output_fails_with_the_stage_named(fleet: Fleet, spares, gateways) -> None:
-    victim, survivor = spares("dit"), fleet.service("dit1")
+    victim, survivor = spares("dit", fault=PAUSE_AFTER_FIRST_OUTPUT), fleet.service("dit1")
     gateway = gateways("faults-after-output", dit=[victim, survivor], lm=[fleet.service("lm1")])
-    # One request per DiT; each client stops reading at its first PCM chunk, so flow control holds
-    # the rest of the 4 items back on the DiT side while the request stays in flight there.
+    # Two concurrent requests, one per DiT (fewest outstanding calls); the victim streams the first
+    # PCM chunk of its request and then holds the call until it is killed.
     requests = [song_request(thinking=False, batch_size=4, seed=s, stream_pcm=True) for s in (30, 40)]
-    streams = [Stream(gateway.address, r, pause_after_output=True) for r in requests]
+    streams = [Stream(gateway.address, r) for r in requests]
     await asyncio.wait_for(asyncio.gather(*(s.first_output.wait() for s in streams)), 120.0)
-    await asyncio.sleep(1.0)
-    if in_flight(victim, "Synthesize") != 1:
-        # The scenario needs the victim to be mid-answer at the kill; on a saturated host its whole
-        # answer can fit in the transport buffers and finish first. Then there is nothing to test.
-        for stream in streams:
-            stream.resume.set()
-        await asyncio.gather(*(stream.outcome() for stream in streams))
-        pytest.skip("precondition not met: the victim finished its answer before the kill")
+    assert in_flight(victim, "Synthesize") == 1, "precondition: one request went to the victim"
     kill_hard(victim)
-    for stream in streams:
-        stream.resume.set()
 
     outcomes = [await stream.outcome() for stream in streams]
     failed = [o for o in outcomes if o.code != "OK"]
     assert len(failed) == 1, [o.describe() for o in outcomes]
-    assert_song_result(next(o for o in outcomes if o.code == "OK"), requests[0])
+    ok_index = next(i for i, o in enumerate(outcomes) if o.code == "OK")
+    assert_song_result(outcomes[ok_index], requests[ok_index])
     lost = failed[0]
     assert lost.saw_output
     assert lost.code == "UNAVAILABLE", lost.describe()

@@ -58,7 +58,6 @@ async def hf_engine(engine_config: LmEngineConfig):
 
 @pytest_asyncio.fixture(scope="session")
 async def vllm_engine(engine_config: LmEngineConfig, tmp_path_factory):
-    pytest.importorskip("vllm")
     from lm_service.engine.scheduler import STEP_LOG_ENV
     from lm_service.engine.vllm_engine import VllmLmEngine
 

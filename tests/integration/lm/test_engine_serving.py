@@ -129,7 +129,7 @@ async def test_invalid_requests_are_refused_before_queueing(vllm_engine) -> None
 
 async def test_the_service_constraint_bridge_runs_inside_the_engine(vllm_engine, hf_engine) -> None:
     """The codes-phase FSM of ``lm_service.constraints``, built in vLLM's worker, after guidance."""
-    bridge = pytest.importorskip("lm_service.constraint_bridge")
+    from lm_service import constraint_bridge as bridge
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(vllm_engine.config.model_dir))

@@ -12,23 +12,21 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm")
+import torch
+from vllm import SamplingParams
+from vllm.utils.hashing import sha256
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.engine import FinishReason
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.request import Request, RequestStatus
+from vllm.v1.structured_output import StructuredOutputManager
 
-import torch  # noqa: E402
-from vllm import SamplingParams  # noqa: E402
-from vllm.utils.hashing import sha256  # noqa: E402
-from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash  # noqa: E402
-from vllm.v1.engine import FinishReason  # noqa: E402
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec  # noqa: E402
-from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
-from vllm.v1.request import Request, RequestStatus  # noqa: E402
-from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
-
-from lm_service.engine.config import LmEngineConfig  # noqa: E402
-from lm_service.engine.scheduler import PAIR_ERROR_PREFIX, PairedScheduler  # noqa: E402
-from lm_service.engine.types import SamplingSettings  # noqa: E402
-from lm_service.engine.vllm_engine import engine_args  # noqa: E402
-from lm_service.engine.wire import RowArgs, RowRole, read_row_args, twin_request_id  # noqa: E402
+from lm_service.engine.config import LmEngineConfig
+from lm_service.engine.scheduler import PAIR_ERROR_PREFIX, PairedScheduler
+from lm_service.engine.types import SamplingSettings
+from lm_service.engine.vllm_engine import engine_args
+from lm_service.engine.wire import RowArgs, RowRole, read_row_args, twin_request_id
 
 pytestmark = pytest.mark.vllm
 
@@ -221,6 +219,18 @@ def test_twin_of_an_unknown_request_is_never_created_for_single_sequences(vllm_c
     scheduler.add_request(_request("solo", [5] * 20, 10, None, block_size))
     assert twin_request_id("solo") not in scheduler.requests
     assert scheduler.get_request_counts() == (0, 1)
+
+
+def test_a_kv_cache_that_cannot_hold_one_guided_pair_is_refused_at_start(vllm_config) -> None:
+    blocks_per_sequence = -(-MAX_MODEL_LEN // vllm_config.cache_config.block_size)
+    fits = _scheduler(vllm_config, num_blocks=4 * blocks_per_sequence)
+    pair_blocks = 2 * blocks_per_sequence + fits.kv_cache_manager.watermark_blocks
+    with pytest.raises(ValueError) as raised:
+        _scheduler(vllm_config, num_blocks=pair_blocks - 1)
+    message = str(raised.value)
+    assert message.startswith("PairedScheduler: the KV cache holds"), message
+    assert f"a guided pair at max_model_len {MAX_MODEL_LEN} needs {pair_blocks}" in message
+    assert message.endswith("raise the KV cache size or lower max_model_len")
 
 
 def test_an_error_finish_reaches_the_caller_as_internal_with_the_reason() -> None:

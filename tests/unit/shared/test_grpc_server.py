@@ -21,6 +21,7 @@ class _ProbeServicer(lm_pb2_grpc.LmServiceServicer):
     """Raises what the request asks for, so each mapping can be observed by a real client."""
 
     def __init__(self) -> None:
+        self.started = asyncio.Event()
         self.release = asyncio.Event()
 
     async def Understand(self, request, context):
@@ -32,6 +33,7 @@ class _ProbeServicer(lm_pb2_grpc.LmServiceServicer):
         if codes == "bug":
             raise RuntimeError("secret internal detail")
         if codes == "slow":
+            self.started.set()
             await self.release.wait()
         return lm_pb2.UnderstandResponse(result=common_pb2.UnderstandResult(caption="ok"))
 
@@ -128,16 +130,24 @@ async def test_metrics_count_requests_by_code(served) -> None:
 
 async def test_drain_finishes_in_flight_and_refuses_new(served) -> None:
     server, servicer, channel = served
+    await server.mark_serving()
     in_flight = asyncio.ensure_future(_understand(channel, "slow"))
-    await asyncio.sleep(0.2)
-    drain = asyncio.ensure_future(server.drain(grace_s=5.0))
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(servicer.started.wait(), 10.0)
+    drain = asyncio.ensure_future(server.drain(grace_s=30.0))
+    health = health_pb2_grpc.HealthStub(channel)
+    while (await health.Check(health_pb2.HealthCheckRequest())).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+        await asyncio.sleep(0.01)
+    # While the in-flight call runs, the transport stays up: new calls, on the open connection and
+    # on a new one, reach the server and are refused with UNAVAILABLE (never cut off as CANCELLED).
     fresh = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await _understand(fresh, "fine", timeout=2)
-    assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    for client in (channel, fresh):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await _understand(client, "fine", timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+        assert "draining" in info.value.details()
+    assert not in_flight.done() and not drain.done()
     servicer.release.set()
     reply = await in_flight
     assert reply.result.caption == "ok"
-    await drain
+    await asyncio.wait_for(drain, 10.0)  # returns once the in-flight call is done, not after the grace period
     await fresh.close()

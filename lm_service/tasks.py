@@ -5,6 +5,7 @@ long captions are clipped at a word boundary, out-of-range values dropped)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -93,8 +94,16 @@ class LmTasks:
         prompt = format_sample_prompt(params.caption, params.lyrics)
         out = await self._run(request_id, prompt, spec, sampling, default_lyrics=params.lyrics)
         meta = out.metadata
-        return FormatSampleResult(caption=meta.caption, lyrics=meta.lyrics, bpm=meta.bpm, duration=meta.duration,
-                                  keyscale=meta.keyscale, language=meta.language,
-                                  timesignature=meta.timesignature, status_message=f"formatted in {out.seconds:.2f} s")
+        # The document: user_metadata constrains those values, so they are the result's, also where
+        # the reference's decoder jumped over a field after the caption (or, for the language,
+        # skipped it) and the LM's text does not hold them.
+        kept = valid_lm_metadata(dataclasses.replace(
+            meta, bpm=given.bpm if given.bpm is not None else meta.bpm,
+            duration=given.duration if given.duration else meta.duration,
+            keyscale=given.keyscale or meta.keyscale, timesignature=given.timesignature or meta.timesignature,
+            language=given.language or meta.language))
+        return FormatSampleResult(caption=kept.caption, lyrics=kept.lyrics, bpm=kept.bpm, duration=kept.duration,
+                                  keyscale=kept.keyscale, language=kept.language,
+                                  timesignature=kept.timesignature, status_message=f"formatted in {out.seconds:.2f} s")
 
 

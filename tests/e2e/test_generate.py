@@ -94,7 +94,11 @@ def test_cover_of_an_uploaded_file_keeps_its_length(client, source_wav: bytes, t
     params = GenerationParams(task_type="cover", src_audio=source_wav, caption="jazz trio", audio_cover_strength=0.5)
     result, events = _run(client, params, GenerationConfig(batch_size=1, seeds=[3], audio_format="wav"), tmp_path)
 
-    assert next(event.lm_result for event in events if event.HasField("lm_result")).skipped
+    # The seed's "Style Cover with LM Reasoning": the LM plans metadata (thinking is on by default),
+    # the structure comes from the source (no codes)
+    lm = next(event.lm_result for event in events if event.HasField("lm_result"))
+    assert not lm.skipped and not lm.codes and lm.metadata.HasField("bpm")
+    assert result.extra_outputs["lm_metadata"]["bpm"] == lm.metadata.bpm
     [audio] = result.audios
     assert audio.params["task_type"] == "cover" and audio.params["src_audio"] is None  # bytes not echoed
     _assert_plays(audio.path, "WAV", SOURCE_SECONDS)

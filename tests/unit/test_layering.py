@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("shared", "lm_service", "dit_service", "gateway")
 EDGE_NAMES = {"__main__.py", "servicer.py", "convert.py", "grpc_server.py", "protogen.py", "clients.py",
               "client.py", "sdk.py", "cli.py", "demo.py", "serve.py", "balancer.py", "upstream.py",
-              "orchestrator.py", "auth.py", "upstream_errors.py", "passthrough.py", "bench_overhead.py"}
+              "orchestrator.py", "auth.py", "upstream_errors.py", "passthrough.py", "bench_overhead.py",
+              "runner.py"}
 FORBIDDEN = ("grpc", "grpc_health", "grpc_reflection", "shared.pb", "google.protobuf")
 
 

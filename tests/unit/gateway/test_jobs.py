@@ -205,3 +205,15 @@ async def test_a_refused_request_creates_no_job(store: SqliteJobStore) -> None:
     with pytest.raises(InvalidArgument):
         await runner.start_job(gw.GenerateRequest(request_id="bad"), "anonymous")
     assert await store.get("bad") is None
+
+
+@pytest.mark.parametrize("code", ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED", "INVALID_ARGUMENT", "NOT_FOUND"])
+def test_a_failed_job_ends_a_generate_stream_with_its_own_status(code: str) -> None:
+    from gateway.servicer import _raise_failure
+
+    failed = gw.JobFailed(error=common_pb2.ErrorDetail(code=code, message="dit failed: boom", stage="dit",
+                                                       field="x"))
+    with pytest.raises(Exception) as info:
+        _raise_failure(failed)
+    assert info.value.grpc_code_name == code
+    assert (info.value.message, info.value.stage, info.value.field) == ("dit failed: boom", "dit", "x")

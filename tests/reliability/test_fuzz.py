@@ -155,9 +155,10 @@ class Observed(collections.Counter):
 
 
 def _check_error(error: grpc.RpcError, events: list[str], request: object) -> str:
-    """A clear status: INVALID_ARGUMENT, or RESOURCE_EXHAUSTED from admission (after ``accepted``)."""
+    """A clear status: INVALID_ARGUMENT, or RESOURCE_EXHAUSTED from admission (a full gateway refuses
+    before ``accepted``; a full backend after it)."""
     code, details = error.code().name, error.details() or ""
-    allowed = CLEAR_CODES if events else {"INVALID_ARGUMENT"}
+    allowed = CLEAR_CODES if events else {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}
     assert code in allowed, f"{code}: {details[:300]!r} after {events} for {request!r:.600}"
     assert len(details.encode()) <= 1000, "status messages stay small (they travel in trailers)"
     assert "Traceback" not in details and 'File "' not in details, details

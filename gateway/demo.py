@@ -39,7 +39,12 @@ def ensure_tiny_checkpoints(folder: Path) -> Path:
 
 def run(checkpoints: Optional[str], out_dir: str, duration_s: float, device: str) -> int:
     folder = Path(checkpoints) if checkpoints else ensure_tiny_checkpoints(Path(".checkpoints/tiny"))
-    stack = LocalStack(folder, device=device)
+    if checkpoints:
+        stack = LocalStack(folder, device=device)
+    else:
+        from devtools.tiny_checkpoints import TINY_LM_ENV
+
+        stack = LocalStack(folder, device=device, extra_env=dict(TINY_LM_ENV))
     started = time.perf_counter()
     try:
         address = stack.start()

@@ -45,6 +45,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="work units waiting for a slot beyond which new ones get RESOURCE_EXHAUSTED")
     parser.add_argument("--max-duration-s", type=int, default=env_default("lm_max_duration_s", 600, int),
                         help="largest duration the constrained CoT may plan")
+    parser.add_argument("--max-text-tokens", type=int, default=env_default("lm_max_text_tokens", 0, int),
+                        help="cap of the text phases' token budget (CoT, understand/create/format); "
+                             "0: the reference's (3500); audio codes are never capped")
     parser.add_argument("--lm-strict-cot", action="store_true", default=env_default("lm_strict_cot", False, bool),
                         help="tightened CoT decoding rules instead of the reference's (see metadata_fsm.py)")
     parser.add_argument("--genres-vocab", default=env_default("lm_genres_vocab", ""),
@@ -107,7 +110,8 @@ async def serve(args: argparse.Namespace) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(str(engine_cfg.model_dir))
     engine = build_engine(engine_cfg, args.backend)
-    runtime = LmRuntime(engine, tokenizer, tokenizer.chat_template or default_chat_template(), args.max_model_len)
+    runtime = LmRuntime(engine, tokenizer, tokenizer.chat_template or default_chat_template(), args.max_model_len,
+                        args.max_text_tokens)
     max_active = args.max_active or max(1, args.max_num_seqs // 2)
     servicer = LmServicer(Planner(runtime, args.lm_strict_cot), LmTasks(runtime, args.lm_strict_cot),
                           max_active, args.max_pending)

@@ -213,7 +213,7 @@ class Planner:
         request = self.runtime.request(
             cot_prompt(params.caption, lyrics_of(params)), spec,
             sampling(params, seed, cfg_scale=1.0, repetition_penalty=plan.repetition_penalty),
-            max_new_tokens=max_new_tokens(None, "cot", self.runtime.max_model_len),
+            max_new_tokens=self.runtime.text_budget(max_new_tokens(None, "cot", self.runtime.max_model_len)),
             request_id=f"{plan.request_id}:cot")
         output = await self.runtime.run(request, lambda n: queue.put_nowait(PlanProgress("lm_metadata", n, 0)))
         metadata.update(parse_lm_output(output.text).metadata)

@@ -66,8 +66,10 @@ Observer = Callable[[LmCall], None]
 
 
 class LmRuntime:
-    def __init__(self, engine: Engine, tokenizer: Any, chat_template: str, max_model_len: int) -> None:
+    def __init__(self, engine: Engine, tokenizer: Any, chat_template: str, max_model_len: int,
+                 max_text_tokens: int = 0) -> None:
         self.engine = engine
+        self.max_text_tokens = max_text_tokens
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.max_model_len = max_model_len
@@ -84,6 +86,11 @@ class LmRuntime:
 
     def _encode(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def text_budget(self, reference_budget: int) -> int:
+        """The token budget of a text phase (CoT, understand/create/format): the reference's, or
+        ``max_text_tokens`` when that is set and smaller (``--max-text-tokens``; codes are never capped)."""
+        return min(reference_budget, self.max_text_tokens) if self.max_text_tokens > 0 else reference_budget
 
     def stop_ids(self, constrained: bool, guided: bool) -> tuple[int, ...]:
         """The reference's own decoding loops (constrained or guided) stop on EOS or the pad token;

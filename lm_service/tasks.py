@@ -50,7 +50,7 @@ class LmTasks:
     async def _run(self, request_id: str, prompt, spec: Optional[ConstraintSpec], sampling: SamplingInput,
                    default_lyrics: str = "") -> TaskOutput:
         started = time.perf_counter()
-        budget = max_new_tokens(None, "understand", self.runtime.max_model_len)
+        budget = self.runtime.text_budget(max_new_tokens(None, "understand", self.runtime.max_model_len))
         request = self.runtime.request(prompt, spec, sampling, budget, request_id=request_id)
         output = await self.runtime.run(request)
         values = parse_lm_output(output.text).metadata

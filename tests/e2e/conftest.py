@@ -15,6 +15,7 @@ import pytest
 from gateway import sdk
 from gateway.serve import LocalStack
 from devtools import tiny_checkpoints
+from devtools.tiny_checkpoints import TINY_LM_ENV
 from shared.audio import encode_audio
 from shared.constants import SAMPLE_RATE_HZ
 from shared.types import GenerationConfig
@@ -59,7 +60,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="package")
 def stack(checkpoints: Path, tmp_path_factory: pytest.TempPathFactory):
     local = LocalStack(checkpoints, num_dit=2, num_lm=1, gateway_args=GATEWAY_ARGS, drain_grace_s=2.0,
-                       extra_env={"TOKENIZERS_PARALLELISM": "false"}, workdir=tmp_path_factory.mktemp("stack"))
+                       extra_env={"TOKENIZERS_PARALLELISM": "false", **TINY_LM_ENV},
+                       workdir=tmp_path_factory.mktemp("stack"))
     try:
         local.start(timeout_s=300)
         yield local

@@ -11,6 +11,9 @@ import pytest
 from gateway import sdk
 from gateway.serve import LocalStack
 from devtools import tiny_checkpoints
+from devtools.tiny_checkpoints import TINY_LM_ENV
+from shared.audio import encode_audio
+from shared.constants import SAMPLE_RATE_HZ
 
 EXAMPLES_DIR = Path(__file__).resolve().parent
 
@@ -22,19 +25,57 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.vllm)
 
 
+SOURCE_SECONDS = 2.0  # uploads stay short: VAE encoding on the CPU is slow
+
+
 @pytest.fixture(scope="package")
-def client(tmp_path_factory: pytest.TempPathFactory):
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny-checkpoints")
     notes = tiny_checkpoints.write_all(root, seed=0)
     missing = {folder: note for folder, note in notes.items() if note}
     if missing:
         pytest.fail(f"tiny checkpoints incomplete: {missing}")
-    stack = LocalStack(root, num_dit=1, num_lm=1, extra_env={"TOKENIZERS_PARALLELISM": "false"},
-                       workdir=tmp_path_factory.mktemp("stack"))
+    return root
+
+
+def _serve(checkpoints: Path, workdir: Path, **options):
+    stack = LocalStack(checkpoints, num_dit=1, extra_env={"TOKENIZERS_PARALLELISM": "false", **TINY_LM_ENV},
+                       workdir=workdir, **options)
+    stack.start(timeout_s=300)
+    return stack, sdk.AceStepClient(stack.services["gateway"].address)
+
+
+@pytest.fixture(scope="package")
+def client(checkpoints: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The turbo model with the LM, as the document's handlers are initialized."""
+    stack, connection = _serve(checkpoints, tmp_path_factory.mktemp("turbo-stack"), num_lm=1)
     try:
-        stack.start(timeout_s=300)
-        connection = sdk.AceStepClient(stack.services["gateway"].address)
         yield connection
-        connection.close()
     finally:
+        connection.close()
         stack.stop()
+
+
+@pytest.fixture(scope="package")
+def base_client(checkpoints: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The base model (lego, extract and complete are base-only), without an LM."""
+    stack, connection = _serve(checkpoints, tmp_path_factory.mktemp("base-stack"), with_lm=False,
+                               dit_model=tiny_checkpoints.BASE_DIR)
+    try:
+        yield connection
+    finally:
+        connection.close()
+        stack.stop()
+
+
+@pytest.fixture(scope="package")
+def source_file(client, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A song the stack made, cut to ``SOURCE_SECONDS`` and saved as a file (the documents pass paths)."""
+    params = sdk.GenerationParams(caption="lo-fi piano loop", duration=10.0, thinking=False, use_cot_metas=False,
+                                  use_cot_caption=False, use_cot_language=False)
+    result = sdk.generate_music(client, params, sdk.GenerationConfig(batch_size=1, seeds=[7], audio_format="wav"))
+    assert result.success, result.error
+    waveform = result.audios[0].tensor.numpy()  # [2, S]
+    path = tmp_path_factory.mktemp("sources") / "original_song.wav"
+    path.write_bytes(encode_audio(waveform[:, : int(SOURCE_SECONDS * SAMPLE_RATE_HZ)], "wav"))
+    return str(path)

@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway import sdk
 from gateway.serve import LocalStack, ServiceProcess
 from devtools import tiny_checkpoints as tc
+from devtools.tiny_checkpoints import TINY_LM_ENV
 from shared import faults
 from shared.grpc_server import ERROR_DETAIL_KEY
 from shared.pb.acestep.common.v1 import common_pb2
@@ -51,7 +52,7 @@ HEALTH_INTERVAL_S = 0.5
 OUTPUT_KINDS = ("audio", "file", "item_finished")
 # Small KV caches (the tiny LM needs a few MiB) keep five-plus model processes within memory;
 # an API key set in the caller's environment must not switch auth on for the shared gateway.
-STACK_ENV = {"ACESTEP_LM_KV_CACHE_GIB": "0.25", "ACESTEP_API_KEYS": "", "TOKENIZERS_PARALLELISM": "false",
+STACK_ENV = {**TINY_LM_ENV, "ACESTEP_LM_KV_CACHE_GIB": "0.25", "ACESTEP_API_KEYS": "", "TOKENIZERS_PARALLELISM": "false",
              "ACESTEP_TEST_FAULT": ""}
 SHARED_GATEWAY_ARGS = ["--max-active", str(MAX_ACTIVE), "--max-queued", str(MAX_QUEUED),
                        "--max-audio-bytes", str(MAX_AUDIO_BYTES), "--health-interval-s", str(HEALTH_INTERVAL_S)]

@@ -56,9 +56,10 @@ __all__ = [
 LM_DIR = "acestep-5Hz-lm-0.6B"
 TEXT_ENCODER_DIR = "Qwen3-Embedding-0.6B"
 VAE_DIR = "vae"
-# The tiny random LM rarely writes EOS, so its text phases run to the reference's 3500-token budget;
-# stacks on the tiny checkpoints cap them (audio codes are never capped).
-TINY_LM_ENV = {"ACESTEP_LM_MAX_TEXT_TOKENS": "384"}
+# The tiny random LM rarely writes EOS, so its text phases run to the reference's 3500-token budget,
+# and the durations it plans are random up to the limit: stacks on the tiny checkpoints cap both
+# (audio codes are never capped, and a user's duration is never cut).
+TINY_LM_ENV = {"ACESTEP_LM_MAX_TEXT_TOKENS": "384", "ACESTEP_LM_MAX_DURATION_S": "60"}
 
 TURBO_DIR = "acestep-v15-turbo"
 BASE_DIR = "acestep-v15-base"

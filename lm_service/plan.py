@@ -228,6 +228,10 @@ class Planner:
         prompt = codes_prompt(params.caption, lyrics_of(params), cot_text)
         uncond = codes_unconditional_prompt(params.caption, lyrics_of(params), params.lm_negative_prompt)
         budget = max_new_tokens(duration, "codes", self.runtime.max_model_len)
+        if target is not None:
+            # The reference clamps the budget's duration to --max-duration-s, which cuts a longer
+            # user duration's codes short; the budget always holds the target here.
+            budget = max(budget, target + CODES_PHASE_BUFFER)
 
         async def one(index: int, seed: int) -> None:
             request = self.runtime.request(

@@ -14,12 +14,12 @@ import pytest
 
 from gateway import sdk
 from gateway.serve import LocalStack
-from devtools import tiny_checkpoints
 from devtools.tiny_checkpoints import TINY_LM_ENV
 from shared.audio import encode_audio
 from shared.constants import SAMPLE_RATE_HZ
 from shared.types import GenerationConfig
 from tests.e2e.helpers import quick_params
+from tests.tiny_stack import write_checkpoints
 
 E2E_DIR = Path(__file__).resolve().parent
 MAX_AUDIO_BYTES = 1_000_000
@@ -49,12 +49,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="package")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("tiny-checkpoints")
-    notes = tiny_checkpoints.write_all(root, seed=0)
-    missing = {folder: note for folder, note in notes.items() if note}
-    if missing:
-        pytest.fail(f"tiny checkpoints incomplete: {missing}")
-    return root
+    return write_checkpoints(tmp_path_factory.mktemp("tiny-checkpoints"))
 
 
 @pytest.fixture(scope="package")

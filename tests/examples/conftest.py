@@ -1,6 +1,6 @@
-"""A real stack (LM on vLLM CPU, one DiT, the gateway) on the tiny checkpoints for the documented
-examples, and a ``handlers`` fixture: the only change an example gets is that a gateway client
-takes the place of ``dit_handler`` and ``llm_handler``."""
+"""Real stacks on the tiny checkpoints for the documented examples: ``client`` (turbo DiT + LM on
+vLLM CPU + gateway) and ``base_client`` (base DiT + gateway). The only change an example gets is
+that a gateway client takes the place of ``dit_handler`` and ``llm_handler``."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 
 from gateway import sdk
-from gateway.serve import LocalStack
 from devtools import tiny_checkpoints
-from devtools.tiny_checkpoints import TINY_LM_ENV
 from shared.audio import encode_audio
 from shared.constants import SAMPLE_RATE_HZ
+from tests.tiny_stack import serving, write_checkpoints
 
 EXAMPLES_DIR = Path(__file__).resolve().parent
 
@@ -30,42 +29,22 @@ SOURCE_SECONDS = 2.0  # uploads stay short: VAE encoding on the CPU is slow
 
 @pytest.fixture(scope="package")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("tiny-checkpoints")
-    notes = tiny_checkpoints.write_all(root, seed=0)
-    missing = {folder: note for folder, note in notes.items() if note}
-    if missing:
-        pytest.fail(f"tiny checkpoints incomplete: {missing}")
-    return root
-
-
-def _serve(checkpoints: Path, workdir: Path, **options):
-    stack = LocalStack(checkpoints, num_dit=1, extra_env={"TOKENIZERS_PARALLELISM": "false", **TINY_LM_ENV},
-                       workdir=workdir, **options)
-    stack.start(timeout_s=300)
-    return stack, sdk.AceStepClient(stack.services["gateway"].address)
+    return write_checkpoints(tmp_path_factory.mktemp("tiny-checkpoints"))
 
 
 @pytest.fixture(scope="package")
 def client(checkpoints: Path, tmp_path_factory: pytest.TempPathFactory):
     """The turbo model with the LM, as the document's handlers are initialized."""
-    stack, connection = _serve(checkpoints, tmp_path_factory.mktemp("turbo-stack"), num_lm=1)
-    try:
+    with serving(checkpoints, tmp_path_factory.mktemp("turbo-stack"), num_lm=1) as connection:
         yield connection
-    finally:
-        connection.close()
-        stack.stop()
 
 
 @pytest.fixture(scope="package")
 def base_client(checkpoints: Path, tmp_path_factory: pytest.TempPathFactory):
     """The base model (lego, extract and complete are base-only), without an LM."""
-    stack, connection = _serve(checkpoints, tmp_path_factory.mktemp("base-stack"), with_lm=False,
-                               dit_model=tiny_checkpoints.BASE_DIR)
-    try:
+    with serving(checkpoints, tmp_path_factory.mktemp("base-stack"), with_lm=False,
+                 dit_model=tiny_checkpoints.BASE_DIR) as connection:
         yield connection
-    finally:
-        connection.close()
-        stack.stop()
 
 
 @pytest.fixture(scope="package")

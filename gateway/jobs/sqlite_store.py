@@ -49,10 +49,9 @@ class SqliteJobStore:
         self._lock = threading.Lock()
         self._wakeups: dict[str, asyncio.Event] = {}
 
-    def _run(self, sql: str, args: tuple = (), many: bool = False) -> list[tuple[Any, ...]]:
+    def _run(self, sql: str, args: tuple = ()) -> list[tuple[Any, ...]]:
         with self._lock:
-            cursor = self._db.execute(sql, args)
-            return cursor.fetchall() if not many else cursor.fetchmany()
+            return self._db.execute(sql, args).fetchall()
 
     async def _call(self, fn, *args):
         return await asyncio.to_thread(fn, *args)

@@ -9,9 +9,14 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_TARGET_DEVICE ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install protos test test-fast lint demo bench bench-dit bench-lm soak conformance tiny clean
+.PHONY: install system-deps protos test test-fast lint demo bench bench-dit bench-lm soak conformance tiny clean
 
-install: $(STAMP) protos
+install: $(STAMP) protos system-deps
+
+# Servers the tests start for real (redis-server for the multi-replica job store), from Debian's packages.
+system-deps:
+	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@command -v redis-server >/dev/null || { echo "redis-server is required (Debian package redis-server)" >&2; exit 1; }
 
 # Idempotent: re-runs only when the pinned dependencies change.
 $(STAMP): pyproject.toml

@@ -37,7 +37,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not vllm and not slow" $(PYTEST_ARGS)
 
 lint: install
-	$(PY) -m pyflakes shared/*.py lm_service dit_service gateway conformance devtools tests examples
+	$(PY) -m pyflakes shared/*.py lm_service dit_service gateway http_service conformance devtools tests examples
 	$(PY) -m pytest -q tests/unit/test_layering.py
 
 conformance: install

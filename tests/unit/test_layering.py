@@ -57,13 +57,13 @@ TOOL_MODULES = frozenset({"bench.py", "bench_overhead.py", "demo.py"})
 def _package_graph() -> dict[str, set[str]]:
     """Which top-level packages each top-level package imports (tests, benches and tools excluded)."""
     graph: dict[str, set[str]] = {}
-    for package in ("shared", "lm_service", "dit_service", "gateway"):
+    for package in ("shared", "lm_service", "dit_service", "gateway", "http_service"):
         uses = graph.setdefault(package, set())
         for path in (REPO / package).rglob("*.py"):
             if "pb" in path.relative_to(REPO).parts or path.name in TOOL_MODULES:
                 continue
             uses.update(n.split(".")[0] for n in _imports(path))
-        uses &= {"shared", "lm_service", "dit_service", "gateway", "conformance", "devtools"}
+        uses &= {"shared", "lm_service", "dit_service", "gateway", "http_service", "conformance", "devtools"}
         uses.discard(package)
     return graph
 
@@ -71,6 +71,12 @@ def _package_graph() -> dict[str, set[str]]:
 def test_lm_and_dit_services_do_not_import_each_other() -> None:
     graph = _package_graph()
     assert "dit_service" not in graph["lm_service"] and "lm_service" not in graph["dit_service"]
+
+
+def test_http_edge_talks_to_the_gateway_only() -> None:
+    """The HTTP edge is a gRPC client of the gateway: no model service code, no gateway internals
+    beyond the SDK's conversions."""
+    assert not _package_graph()["http_service"] & {"lm_service", "dit_service"}
 
 
 def test_services_do_not_import_the_tooling_and_packages_have_no_cycles() -> None:

@@ -1,0 +1,76 @@
+"""``acestep-http --gateway host:port``: the HTTP door (native API + ACE-Step REST compatibility)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import socket
+import sys
+from typing import Optional
+
+import uvicorn
+
+from http_service.app import HttpSettings, create_app
+from shared.config import env_default
+from shared.grpc_server import write_port_file
+from shared.telemetry import setup_logging
+
+log = logging.getLogger("http")
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="acestep-http", description=__doc__)
+    parser.add_argument("--gateway", default=env_default("gateway", "127.0.0.1:50050"), help="gateway host:port")
+    parser.add_argument("--host", default=env_default("http_host", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=env_default("http_port", 8001, int),
+                        help="8001 is the port of ACE-Step's own REST server (0: the OS picks)")
+    parser.add_argument("--cors-origins", default=env_default("cors_origins", ""),
+                        help="comma-separated origins allowed by CORS ('*' for any); empty: CORS off")
+    parser.add_argument("--max-body-mb", type=float, default=env_default("max_body_mb", 64.0, float),
+                        help="largest request body (uploads included)")
+    parser.add_argument("--heartbeat-s", type=float, default=env_default("heartbeat_s", 15.0, float))
+    parser.add_argument("--public-url", default=env_default("public_url", ""),
+                        help="base URL for absolute file links (empty: relative links)")
+    parser.add_argument("--log-level", default=env_default("log_level", "INFO"))
+    parser.add_argument("--log-json", action="store_true", default=env_default("log_json", False, bool))
+    parser.add_argument("--port-file", default=env_default("port_file", ""),
+                        help="write the bound port here once serving (tests and `acestep serve`)")
+    return parser.parse_args(argv)
+
+
+def settings_from_args(args: argparse.Namespace) -> HttpSettings:
+    origins = tuple(o.strip() for o in args.cors_origins.split(",") if o.strip())
+    return HttpSettings(gateway=args.gateway, cors_origins=origins, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                        heartbeat_s=args.heartbeat_s, public_url=args.public_url.rstrip("/"))
+
+
+async def serve(args: argparse.Namespace) -> None:
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    config = uvicorn.Config(create_app(settings_from_args(args)), log_level=args.log_level.lower(),
+                            access_log=False, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    port = sock.getsockname()[1]
+
+    async def publish_port() -> None:
+        while not server.started:
+            await asyncio.sleep(0.05)
+        write_port_file(args.port_file, port)
+        log.info("HTTP API on http://%s:%d (gateway %s)", args.host, port, args.gateway)
+
+    publisher = asyncio.ensure_future(publish_port())
+    await server.serve(sockets=[sock])
+    publisher.cancel()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level, args.log_json)
+    asyncio.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -104,6 +104,8 @@ class LocalStack:
     num_dit: int = 1
     num_lm: int = 1
     with_lm: bool = True
+    with_http: bool = False  # also the HTTP edge (``acestep-http``) in front of the gateway
+    http_args: list[str] = field(default_factory=list)
     device: str = "cpu"
     extra_env: dict[str, str] = field(default_factory=dict)
     gateway_args: list[str] = field(default_factory=list)
@@ -192,12 +194,25 @@ class LocalStack:
         gateway.wait_port(timeout_s, self.check_stop)
         return gateway
 
+    def start_http(self, timeout_s: float = 120.0) -> ServiceProcess:
+        """The HTTP edge in front of the gateway (its address: ``http_url``)."""
+        edge = self._spawn("http", "http_service", ["--gateway", self.services["gateway"].address, *self.http_args])
+        edge.wait_port(timeout_s, self.check_stop)
+        return edge
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.services['http'].address}"
+
     def start(self, timeout_s: float = 600.0) -> str:
         """Start everything and return the gateway address once it is serving."""
         self.start_backends()
         for service in list(self.services.values()):
             service.wait_port(timeout_s, self.check_stop)
-        return self.start_gateway(timeout_s).address
+        address = self.start_gateway(timeout_s).address
+        if self.with_http:
+            self.start_http(timeout_s)
+        return address
 
     def stop(self, grace_s: Optional[float] = None) -> None:
         """SIGTERM every service (they drain), wait up to ``grace_s`` (default ``stop_grace_s``) for

@@ -34,6 +34,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="base URL for absolute file links (empty: relative links)")
     parser.add_argument("--log-level", default=env_default("log_level", "INFO"))
     parser.add_argument("--log-json", action="store_true", default=env_default("log_json", False, bool))
+    parser.add_argument("--drain-grace-s", type=float, default=env_default("drain_grace_s", 5.0, float),
+                        help="SIGTERM: time open requests and event streams get to finish")
+    parser.add_argument("--metrics-port", type=int, default=-1,
+                        help="accepted for uniformity with the gRPC services; the edge has no metrics port")
     parser.add_argument("--port-file", default=env_default("port_file", ""),
                         help="write the bound port here once serving (tests and `acestep serve`)")
     return parser.parse_args(argv)
@@ -50,7 +54,8 @@ async def serve(args: argparse.Namespace) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     config = uvicorn.Config(create_app(settings_from_args(args)), log_level=args.log_level.lower(),
-                            access_log=False, timeout_graceful_shutdown=5)
+                            access_log=False,
+                            timeout_graceful_shutdown=max(1, int(args.drain_grace_s)))
     server = uvicorn.Server(config)
     port = sock.getsockname()[1]
 

@@ -54,7 +54,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="package")
 def stack(checkpoints: Path, tmp_path_factory: pytest.TempPathFactory):
-    local = LocalStack(checkpoints, num_dit=2, num_lm=1, gateway_args=GATEWAY_ARGS, drain_grace_s=2.0,
+    local = LocalStack(checkpoints, num_dit=2, num_lm=1, gateway_args=GATEWAY_ARGS, drain_grace_s=2.0, with_http=True,
                        extra_env={"TOKENIZERS_PARALLELISM": "false", **TINY_LM_ENV},
                        workdir=tmp_path_factory.mktemp("stack"))
     try:
@@ -67,6 +67,12 @@ def stack(checkpoints: Path, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="package")
 def address(stack: LocalStack) -> str:
     return stack.services["gateway"].address
+
+
+@pytest.fixture(scope="package")
+def http_url(stack: LocalStack) -> str:
+    """The HTTP edge (``acestep-http``) in front of the stack's gateway, e.g. ``http://127.0.0.1:PORT``."""
+    return stack.http_url
 
 
 @pytest.fixture(scope="package")

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import tempfile
+from urllib.parse import urlsplit
 from pathlib import Path
 from typing import Optional
 
@@ -13,7 +14,9 @@ import grpc
 
 from gateway.auth import ApiKeyInterceptor
 from gateway.jobs.runner import JobRunner
+from gateway.jobs.redis_store import DEFAULT_PREFIX, RedisJobStore, default_replica_id
 from gateway.jobs.sqlite_store import SqliteJobStore
+from gateway.jobs.store import JobStore
 from gateway.orchestrator import GatewayLimits, Orchestrator
 from gateway.passthrough import LmPassthrough
 from gateway.servicer import GatewayServicer
@@ -44,12 +47,24 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="folder of the embedded job store (SQLite + audio files); survives restarts")
     parser.add_argument("--job-retention-s", type=float, default=env_default("job_retention_s", 86400.0, float),
                         help="how long finished jobs and their files are kept")
+    parser.add_argument("--job-store", default=env_default("job_store", "sqlite"),
+                        help="sqlite (embedded, in --job-dir; one gateway) or a redis://[:password@]host:port/db "
+                             "URL (rediss:// for TLS) that several gateway replicas share")
+    parser.add_argument("--job-files-dir", default=env_default("job_files_dir", ""),
+                        help="with a Redis job store: the audio folder every replica mounts (a ReadWriteMany "
+                             "volume); default --job-dir/files")
+    parser.add_argument("--job-key-prefix", default=env_default("job_key_prefix", DEFAULT_PREFIX),
+                        help="with a Redis job store: prefix of its keys")
+    parser.add_argument("--replica-id", default=env_default("replica_id", default_replica_id()),
+                        help="this gateway's name as the owner of the jobs it runs (default hostname-pid)")
     parser.add_argument("--tls-cert", default=env_default("tls_cert", ""))
     parser.add_argument("--tls-key", default=env_default("tls_key", ""))
     add_server_flags(parser, default_port=50050)
     args = parser.parse_args(argv)
     if not args.dit:
         parser.error("--dit is required (at least one DiT replica)")
+    if args.job_store != "sqlite" and urlsplit(args.job_store).scheme not in ("redis", "rediss"):
+        parser.error(f"--job-store must be sqlite or a redis:// or rediss:// URL, got {_redacted(args.job_store)!r}")
     return args
 
 
@@ -69,6 +84,30 @@ def _credentials(args: argparse.Namespace) -> Optional[grpc.ServerCredentials]:
     return grpc.ssl_server_credentials([pair])
 
 
+def _redacted(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+
+
+async def _job_store(args: argparse.Namespace) -> JobStore:
+    if args.job_store == "sqlite":
+        return SqliteJobStore(args.job_dir, args.job_retention_s)
+    files_dir = args.job_files_dir or str(Path(args.job_dir) / "files")
+    store = RedisJobStore(args.job_store, files_dir, args.job_retention_s, args.replica_id,
+                          prefix=args.job_key_prefix)
+    try:
+        await store.check()
+    except Exception as error:
+        await store.close()
+        raise SystemExit(f"acestep-gateway: job store {_redacted(args.job_store)} does not answer: {error}") from None
+    log.info("job store: Redis at %s, files in %s, replica %s", _redacted(args.job_store), files_dir,
+             args.replica_id)
+    return store
+
+
 async def serve(args: argparse.Namespace) -> None:
     config = server_config_from_args("acestep-gateway", args)
     setup_tracing(config.service_name, config.otlp_endpoint)
@@ -80,7 +119,7 @@ async def serve(args: argparse.Namespace) -> None:
     passthrough = LmPassthrough(orchestrator.lm, orchestrator.dit, args.max_audio_bytes)
     keys = (optional_env("api_keys") or "").split(",")
     interceptors = [ApiKeyInterceptor(keys)] if any(keys) else []
-    store = SqliteJobStore(args.job_dir, args.job_retention_s)
+    store = await _job_store(args)
     jobs = JobRunner(lambda request: orchestrator.generate(request, _no_deadline), store)
     binding = ServiceBinding(gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
                              GatewayServicer(orchestrator, passthrough, jobs), "acestep.gateway.v1.GatewayService")

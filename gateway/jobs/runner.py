@@ -11,6 +11,9 @@ events and files in the job store, whoever is listening.
 * Live subscribers (the ``Generate`` stream that started the job) get every event, PCM and file
   chunks included, from a queue attached before the task starts; a job whose subscriber leaves is
   cancelled unless the request asked to stay detached.
+* Ownership: the runner renews the store's leases on the jobs it runs every ``lease_renew_s`` and
+  stops those whose cancellation another gateway replica requested; every ``orphan_check_s`` it
+  ends the jobs whose owner is gone (``JobStore.recover``), at start-up too.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ STATE_TO_PB = {JobState.QUEUED: gw.JOB_STATE_QUEUED, JobState.RUNNING: gw.JOB_ST
                JobState.CANCELLED: gw.JOB_STATE_CANCELLED}
 WATCH_POLL_S = 15.0
 SWEEP_INTERVAL_S = 60.0
+LEASE_RENEW_S = 2.0  # well inside the store's lease (10 s by default)
+ORPHAN_CHECK_S = 5.0
+CANCEL_WAIT_S = 10.0  # CancelJob of a job another replica runs waits this long for it to end
 AUDIO_CHUNK_BYTES = 256 * 1024
 
 
@@ -62,28 +68,28 @@ class JobRunner:
     """See the module docstring. ``clock`` gives Unix seconds (a test hook)."""
 
     def __init__(self, generate: Callable[[gw.GenerateRequest], AsyncIterator[gw.GenerateEvent]],
-                 store: JobStore, clock: Callable[[], float] = time.time) -> None:
+                 store: JobStore, clock: Callable[[], float] = time.time, lease_renew_s: float = LEASE_RENEW_S,
+                 orphan_check_s: float = ORPHAN_CHECK_S) -> None:
         self._generate = generate
         self.store = store
         self._clock = clock
+        self._lease_renew_s = lease_renew_s
+        self._orphan_check_s = orphan_check_s
         self._jobs: dict[str, _Job] = {}
-        self._sweeper: Optional[asyncio.Task] = None
+        self._loops: list[asyncio.Task] = []
 
     async def start(self) -> None:
-        """Fail the jobs a previous process left unfinished; sweep expired jobs periodically."""
-        for request_id in await self.store.recover(self._clock()):
-            await self._log(request_id, gw.GenerateEvent(failed=gw.JobFailed(error=common_pb2.ErrorDetail(
-                code="UNAVAILABLE", message="the gateway restarted while the job was running",
-                request_id=request_id))))
-        self._sweeper = asyncio.ensure_future(self._sweep_forever())
+        """Fail the jobs whose owner is gone; then keep leases, check for orphans and sweep periodically."""
+        await self._recover()
+        self._loops = [asyncio.ensure_future(self._sweep_forever()), asyncio.ensure_future(self._keep_leases())]
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for loop in self._loops:
+            loop.cancel()
         for job in list(self._jobs.values()):
             if job.task is not None:
                 job.task.cancel()
-        await asyncio.gather(*(j.task for j in self._jobs.values() if j.task), return_exceptions=True)
+        await asyncio.gather(*self._loops, *(j.task for j in self._jobs.values() if j.task), return_exceptions=True)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -94,6 +100,27 @@ class JobRunner:
             except Exception:  # a failed sweep is retried next time
                 log.exception("job store sweep failed")
             await asyncio.sleep(SWEEP_INTERVAL_S)
+
+    async def _recover(self) -> None:
+        for request_id in await self.store.recover(self._clock(), _orphan_failed):
+            log.warning("job %s failed: its gateway is gone", request_id)
+
+    async def _keep_leases(self) -> None:
+        next_check_s = time.monotonic() + self._orphan_check_s
+        while True:
+            try:
+                for request_id in await self.store.renew_leases(list(self._jobs)):
+                    job = self._jobs.get(request_id)
+                    if job is not None and job.task is not None:
+                        log.info("job %s: stopping, cancelled through another gateway or ended elsewhere",
+                                 request_id)
+                        job.task.cancel()
+                if time.monotonic() >= next_check_s:
+                    next_check_s = time.monotonic() + self._orphan_check_s
+                    await self._recover()
+            except Exception:  # retried next time; a lease outlives a few missed renewals
+                log.exception("job store lease renewal failed")
+            await asyncio.sleep(self._lease_renew_s)
 
     async def start_job(self, request: gw.GenerateRequest, caller: str,
                         subscribe: bool = False) -> tuple[gw.GenerateEvent, Optional[asyncio.Queue]]:
@@ -184,14 +211,25 @@ class JobRunner:
         return True
 
     async def cancel(self, request_id: str) -> None:
+        """Stop the job: here if this runner runs it, else through its owner (waiting up to
+        ``CANCEL_WAIT_S`` for it to end); a job without a live owner is ended by ``recover``."""
         job = self._jobs.get(request_id)
         if job is not None and job.task is not None:
             job.task.cancel()
             await asyncio.gather(job.task, return_exceptions=True)
             return
         record = await self.store.get(request_id)
-        if record is not None and not record.state.is_final:  # left by a process that is gone
-            await self.store.set_state(request_id, JobState.CANCELLED, self._clock(), "the job was cancelled")
+        if record is None or record.state.is_final:
+            return
+        if not await self.store.request_cancel(request_id):
+            await self._recover()
+            return
+        deadline_s = time.monotonic() + CANCEL_WAIT_S
+        while (remaining_s := deadline_s - time.monotonic()) > 0:
+            record = await self.store.get(request_id)
+            if record is None or record.state.is_final:
+                return
+            await self.store.wait(request_id, record.last_sequence, remaining_s)
 
     async def watch(self, request_id: str, after: int) -> AsyncIterator[gw.GenerateEvent]:
         """The job's logged events numbered above ``after``, then live ones, until it ends."""
@@ -216,6 +254,12 @@ class JobRunner:
         for offset in range(0, len(data), AUDIO_CHUNK_BYTES) or [0]:
             yield gw.AudioChunk(data=data[offset:offset + AUDIO_CHUNK_BYTES], offset=offset, total_bytes=len(data),
                                 format=audio_format)
+
+
+def _orphan_failed(request_id: str, reason: str) -> bytes:
+    """The last event of a job whose gateway is gone (``JobStore.recover``)."""
+    detail = common_pb2.ErrorDetail(code="UNAVAILABLE", message=reason, request_id=request_id)
+    return gw.GenerateEvent(failed=gw.JobFailed(error=detail)).SerializeToString()
 
 
 def _failed(request_id: str, error: AceStepError) -> gw.GenerateEvent:

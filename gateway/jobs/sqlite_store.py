@@ -2,23 +2,26 @@
 
 Zero set-up (``acestep serve`` and ``make demo`` use it) and it survives a gateway restart: finished
 jobs stay downloadable, and ``recover`` marks the jobs that were running when the gateway died as
-failed. One gateway process owns the folder. Database calls run on a worker thread, one at a time;
-followers are woken in-process. File names are derived from a hash of the request id and the item
+failed. One gateway process owns the folder: the jobs this instance created are its own (live),
+any other unfinished job was left by an earlier process. Database calls run on a worker thread, one
+at a time; followers are woken in-process. File names are derived from a hash of the request id and the item
 index, and files are only ever read back through the rows this store wrote.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import sqlite3
 import threading
 from pathlib import Path
 from typing import Any, Optional
 
-from gateway.jobs.store import JobRecord, JobState, StoredFile
+from gateway.jobs.store import FailedEvent, JobRecord, JobState, StoredFile, file_name
 from shared.errors import InvalidArgument
 
+_FINALS = tuple(state.value for state in JobState if state.is_final)
+_NOT_FINAL = f"state NOT IN ({','.join(repr(v) for v in _FINALS)})"
+_ORPHAN_REASON = "the gateway restarted while the job was running"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     request_id TEXT PRIMARY KEY, caller TEXT NOT NULL, state TEXT NOT NULL,
@@ -48,6 +51,7 @@ class SqliteJobStore:
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
         self._wakeups: dict[str, asyncio.Event] = {}
+        self._own: set[str] = set()  # unfinished jobs this instance created
 
     def _run(self, sql: str, args: tuple = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -62,33 +66,45 @@ class SqliteJobStore:
             event.set()
 
     async def create(self, request_id: str, caller: str, now_s: float) -> None:
+        is_new = request_id not in self._own
+        self._own.add(request_id)  # before the row exists, so recover never takes it for an orphan
+
         def insert() -> None:
             with self._lock:
                 try:
                     self._db.execute("INSERT INTO jobs (request_id, caller, state, created_s, updated_s) "
                                      "VALUES (?, ?, ?, ?, ?)", (request_id, caller, JobState.QUEUED.value, now_s, now_s))
                 except sqlite3.IntegrityError:
+                    if is_new:
+                        self._own.discard(request_id)
                     raise InvalidArgument(f"request_id {request_id!r} is already a job", field="request_id") from None
 
         await self._call(insert)
 
-    async def append(self, request_id: str, event: bytes) -> int:
-        def insert() -> int:
-            with self._lock:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    (sequence,) = self._db.execute(
-                        "SELECT last_sequence + 1 FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
-                    self._db.execute("INSERT INTO events (request_id, sequence, body) VALUES (?, ?, ?)",
-                                     (request_id, sequence, event))
-                    self._db.execute("UPDATE jobs SET last_sequence = ? WHERE request_id = ?", (sequence, request_id))
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                return int(sequence)
+    def _append_locked(self, request_id: str, event: bytes) -> int:
+        """Inside a transaction, with the lock held: the event's sequence, 0 when the job is final."""
+        (sequence, state) = self._db.execute("SELECT last_sequence + 1, state FROM jobs WHERE request_id = ?",
+                                             (request_id,)).fetchone()
+        if state in _FINALS:
+            return 0
+        self._db.execute("INSERT INTO events (request_id, sequence, body) VALUES (?, ?, ?)",
+                         (request_id, sequence, event))
+        self._db.execute("UPDATE jobs SET last_sequence = ? WHERE request_id = ?", (sequence, request_id))
+        return int(sequence)
 
-        sequence = await self._call(insert)
+    def _transaction(self, work):
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                result = work()
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return result
+
+    async def append(self, request_id: str, event: bytes) -> int:
+        sequence = await self._call(self._transaction, lambda: self._append_locked(request_id, event))
         self._wake(request_id)
         return sequence
 
@@ -108,8 +124,10 @@ class SqliteJobStore:
             pass
 
     async def set_state(self, request_id: str, state: JobState, now_s: float, error: str = "") -> None:
-        await self._call(self._run, "UPDATE jobs SET state = ?, updated_s = ?, error = ? WHERE request_id = ?",
-                         (state.value, now_s, error, request_id))
+        await self._call(self._run, f"UPDATE jobs SET state = ?, updated_s = ?, error = ? WHERE request_id = ? "
+                         f"AND {_NOT_FINAL}", (state.value, now_s, error, request_id))
+        if state.is_final:
+            self._own.discard(request_id)
         self._wake(request_id)
 
     def _record(self, row: tuple[Any, ...], files: list[tuple[Any, ...]]) -> JobRecord:
@@ -137,12 +155,8 @@ class SqliteJobStore:
 
         return await self._call(select)
 
-    def _file_name(self, request_id: str, item_index: int, audio_format: str) -> str:
-        digest = hashlib.sha256(request_id.encode("utf-8")).hexdigest()[:32]
-        return f"{digest}-{item_index}.{audio_format}"
-
     async def save_file(self, request_id: str, item_index: int, audio_format: str, data: bytes) -> None:
-        name = self._file_name(request_id, item_index, audio_format)
+        name = file_name(request_id, item_index, audio_format)
 
         def write() -> None:
             path = self.folder / "files" / name
@@ -185,16 +199,32 @@ class SqliteJobStore:
 
         return await self._call(delete)
 
-    async def recover(self, now_s: float) -> list[str]:
-        def fail_unfinished() -> list[str]:
-            rows = self._run("SELECT request_id FROM jobs WHERE state IN (?, ?)",
-                             (JobState.QUEUED.value, JobState.RUNNING.value))
-            self._run("UPDATE jobs SET state = ?, updated_s = ?, error = ? WHERE state IN (?, ?)",
-                      (JobState.FAILED.value, now_s, "the gateway restarted while the job was running",
-                       JobState.QUEUED.value, JobState.RUNNING.value))
-            return [request_id for (request_id,) in rows]
+    async def recover(self, now_s: float, failed_event: Optional[FailedEvent] = None) -> list[str]:
+        def fail(request_id: str) -> None:
+            if failed_event is not None:
+                self._append_locked(request_id, failed_event(request_id, _ORPHAN_REASON))
+            self._db.execute("UPDATE jobs SET state = ?, updated_s = ?, error = ? WHERE request_id = ?",
+                             (JobState.FAILED.value, now_s, _ORPHAN_REASON, request_id))
 
-        return await self._call(fail_unfinished)
+        def fail_orphans() -> list[str]:
+            rows = self._run(f"SELECT request_id FROM jobs WHERE {_NOT_FINAL}")
+            orphans = [request_id for (request_id,) in rows if request_id not in self._own]
+            for request_id in orphans:
+                self._transaction(lambda: fail(request_id))
+            return orphans
+
+        orphans = await self._call(fail_orphans)
+        for request_id in orphans:
+            self._wake(request_id)
+        return orphans
+
+    async def renew_leases(self, request_ids: list[str]) -> list[str]:
+        """Nothing to renew: one process owns the store, and cancelling goes through its runner."""
+        return []
+
+    async def request_cancel(self, request_id: str) -> bool:
+        """Only this process runs jobs here: one its runner does not hold has no live owner."""
+        return False
 
     async def close(self) -> None:
         with self._lock:

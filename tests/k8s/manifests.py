@@ -23,6 +23,7 @@ WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
 COMPONENT_VARIANTS = {
     "base+hpa": ("monitoring", "hpa"),
     "base+gateway-tls": ("gateway-tls",),
+    "base+redis": ("redis",),
 }
 ALL_VARIANTS = (*OVERLAYS, "base", *COMPONENT_VARIANTS)
 MIN_KUSTOMIZE_MAJOR = 4  # kustomize Components need v3.7+; kubectl 1.21+ embeds v4+

@@ -4,6 +4,7 @@ between objects (Services, ConfigMaps, volumes, gateway targets), GPU placement 
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -20,6 +21,11 @@ CRD_KINDS = {"ScaledObject", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
 
 def _deployments(rendered: Rendered) -> list[dict]:
     return rendered.of_kind("Deployment")
+
+
+def _claim_templates(workload: dict) -> dict[str, dict]:
+    """A StatefulSet's per-pod volume claims, by the volume name its containers mount."""
+    return {t["metadata"]["name"]: t for t in workload["spec"].get("volumeClaimTemplates", [])}
 
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
@@ -133,6 +139,7 @@ def test_references_resolve(render_variant, variant: str) -> None:
     for workload in rendered.workloads():
         spec = pod_spec(workload)
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        mountable = {**volumes, **_claim_templates(workload)}
         for kind, container in containers(workload):
             env = container_env(rendered, container)  # raises on a missing ConfigMap or key
             expand_args(container.get("args", []), env)
@@ -141,7 +148,7 @@ def test_references_resolve(render_variant, variant: str) -> None:
                 secret = var.get("valueFrom", {}).get("secretKeyRef")
                 assert secret is None or secret.get("optional") is True, f"{var['name']}: required Secret"
             for mount in container.get("volumeMounts", []):
-                assert mount["name"] in volumes, f"{container['name']}: unknown volume {mount['name']}"
+                assert mount["name"] in mountable, f"{container['name']}: unknown volume {mount['name']}"
         for volume in volumes.values():
             claim = volume.get("persistentVolumeClaim")
             assert claim is None or rendered.has("PersistentVolumeClaim", claim["claimName"])
@@ -150,11 +157,11 @@ def test_references_resolve(render_variant, variant: str) -> None:
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
 def test_services_select_pods_and_named_ports(render_variant, variant: str) -> None:
     rendered = render_variant(variant)
-    pods = {d["metadata"]["name"]: d for d in _deployments(rendered)}
+    pods = {d["metadata"]["name"]: d for d in (*_deployments(rendered), *rendered.of_kind("StatefulSet"))}
     for service in rendered.of_kind("Service"):
         selected = [d for d in pods.values() if labels_match(service["spec"]["selector"],
                                                              d["spec"]["template"]["metadata"]["labels"])]
-        assert len(selected) == 1, f"{service['metadata']['name']} selects {len(selected)} Deployments"
+        assert len(selected) == 1, f"{service['metadata']['name']} selects {len(selected)} workloads"
         port_names = {p["name"] for p in main_container(selected[0])["ports"]}
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in port_names, f"{service['metadata']['name']}: {port['targetPort']}"
@@ -346,3 +353,58 @@ def test_service_monitors_scrape_the_metrics_port(render_variant, variant: str) 
         assert len(matching) == 1, f"{name}: {len(matching)} ServiceMonitors"
         assert [e["port"] for e in matching[0]["spec"]["endpoints"]] == ["metrics"]
         assert all("metrics" in {p["name"] for p in s["spec"]["ports"]} for s in services)
+
+
+@pytest.mark.parametrize("variant", ["gpu-production", "base+redis"])
+def test_gateway_replicas_share_a_redis_job_store(render_variant, variant: str, monkeypatch) -> None:
+    """The gateways' job store env is read by the gateway's own flags, names the Redis Service of
+    the StatefulSet (data on its claim, append-only, never evicting), and the audio folder is one
+    ReadWriteMany claim every gateway pod mounts writable."""
+    from gateway.__main__ import parse_args
+
+    rendered = render_variant(variant)
+    gateway = rendered.get("Deployment", "acestep-gateway")
+    container = main_container(gateway)
+    env = container_env(rendered, container)
+    for name in ("ACESTEP_JOB_STORE", "ACESTEP_JOB_FILES_DIR"):
+        monkeypatch.setenv(name, env[name])
+    args = parse_args(["--dit", "dns:///acestep-dit-headless:50052"])
+    assert (args.job_store, args.job_files_dir) == (env["ACESTEP_JOB_STORE"], env["ACESTEP_JOB_FILES_DIR"])
+
+    url = urlsplit(args.job_store)
+    assert url.scheme == "redis" and url.path == "/0"
+    service = rendered.get("Service", url.hostname)
+    redis = rendered.get("StatefulSet", "acestep-redis")
+    assert redis["spec"]["serviceName"] == service["metadata"]["name"]
+    assert labels_match(service["spec"]["selector"], redis["spec"]["template"]["metadata"]["labels"])
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == url.port]
+    redis_container = main_container(redis)
+    assert {p["name"]: p["containerPort"] for p in redis_container["ports"]}[port["targetPort"]] == 6379
+    redis_args = redis_container["args"]
+    assert flag_value(redis_args, "--appendonly") == "yes"
+    assert flag_value(redis_args, "--maxmemory-policy") == "noeviction"
+    (data,) = [m for m in redis_container["volumeMounts"] if m["mountPath"] == flag_value(redis_args, "--dir")]
+    assert data["name"] in _claim_templates(redis)
+
+    (files,) = [m for m in container["volumeMounts"] if m["mountPath"] == args.job_files_dir]
+    assert not files.get("readOnly")
+    volume = {v["name"]: v for v in pod_spec(gateway)["volumes"]}[files["name"]]
+    claim = rendered.get("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pod_spec(gateway)["securityContext"].get("fsGroup") == 10001  # the non-root gateway can write
+
+
+@pytest.mark.parametrize("variant", ["gpu-production", "base+redis"])
+def test_redis_accepts_connections_only_from_gateways(render_variant, variant: str) -> None:
+    rendered = render_variant(variant)
+    gateway_labels = rendered.get("Deployment", "acestep-gateway")["spec"]["template"]["metadata"]["labels"]
+    labels = rendered.get("StatefulSet", "acestep-redis")["spec"]["template"]["metadata"]["labels"]
+    policies = [p for p in rendered.of_kind("NetworkPolicy") if labels_match(p["spec"]["podSelector"], labels)]
+    assert policies, "no NetworkPolicy selects the Redis pod"
+    for policy in policies:
+        assert "Ingress" in policy["spec"]["policyTypes"]
+        for rule in policy["spec"].get("ingress", []):
+            assert {p["port"] for p in rule.get("ports", [])} == {"redis"}
+            peers = rule.get("from", [])
+            assert peers and all("podSelector" in p and "namespaceSelector" not in p
+                                 and labels_match(p["podSelector"], gateway_labels) for p in peers)

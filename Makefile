@@ -9,14 +9,18 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_TARGET_DEVICE ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install system-deps protos test test-fast lint demo bench bench-dit bench-lm soak conformance tiny clean
+.PHONY: install system-deps protos test test-fast lint demo bench bench-dit bench-lm bench-lora bench-http soak conformance tiny clean
+.PHONY: bench-gpu reference-checkout
 
 install: $(STAMP) protos system-deps
 
-# Servers the tests start for real (redis-server for the multi-replica job store), from Debian's packages.
+# Servers and tools the tests start for real, from Debian's packages: redis-server (the multi-replica job
+# store), chromium (the studio page test drives it through playwright; no browser is downloaded).
 system-deps:
 	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 	@command -v redis-server >/dev/null || { echo "redis-server is required (Debian package redis-server)" >&2; exit 1; }
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+	@command -v chromium >/dev/null || { echo "chromium is required for the studio page test (Debian packages chromium, chromium-driver)" >&2; exit 1; }
 
 # Idempotent: re-runs only when the pinned dependencies change.
 $(STAMP): pyproject.toml
@@ -37,7 +41,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not vllm and not slow" $(PYTEST_ARGS)
 
 lint: install
-	$(PY) -m pyflakes shared/*.py lm_service dit_service gateway http_service conformance devtools tests examples
+	$(PY) -m pyflakes shared/*.py lm_service dit_service gateway http_service studio conformance devtools tests examples
 	$(PY) -m pytest -q tests/unit/test_layering.py
 
 conformance: install
@@ -57,8 +61,39 @@ bench-dit: install
 bench-lm: install
 	$(PY) -m lm_service.bench
 
+# Per-row LoRA cost at batch 8 (tiny checkpoints on the CPU; BENCH_LORA_ARGS="--size 2b" on a GPU).
+bench-lora: install
+	$(PY) -m dit_service.bench_lora $(BENCH_LORA_ARGS)
+
+# Latency the HTTP edge adds over direct gRPC: p50/p95 to the first progress event and to the result.
+bench-http: install
+	$(PY) -m http_service.bench $(BENCH_HTTP_ARGS)
+
 soak: install
 	$(PY) -m tests.load.soak $(SOAK_ARGS)
+
+# One prepared run on one GPU (published sizes, random bf16 weights, <= 8 min): stage times, batching,
+# LM codes/s, first PCM chunk, songs/min through the gateway, memory, beside the reference pipeline.
+# At tiny size on a CPU: make bench-gpu DEVICE=cpu SIZE=tiny. Results: $(BENCH_OUT)/bench-gpu.{json,md}.
+# Where no venv can be built (a lent GPU machine): make bench-gpu PY=python3 BENCH_GPU_DEPS=
+DEVICE ?= cuda
+SIZE ?= published
+BENCH_OUT ?= $(if $(OUT),$(OUT),bench-out)
+BENCH_GPU_DEPS ?= install
+BENCH_GPU_TINY_ARGS := --durations 10 30 60 --lm-codes 50 --stack-requests 8 --stack-duration 10 --reference-requests 2
+BENCH_GPU_ARGS ?= $(if $(filter tiny,$(SIZE)),$(BENCH_GPU_TINY_ARGS) --budget-s 420,)
+REFERENCE_SRC ?= $(ACESTEP_REFERENCE_SRC)
+REFERENCE_REV ?= HEAD
+REFERENCE_DIR ?= .reference/ACE-Step-1.5
+
+bench-gpu: $(BENCH_GPU_DEPS)
+	$(PY) -m devtools.bench_gpu --device $(DEVICE) --size $(SIZE) --out $(BENCH_OUT) --reference-dir $(REFERENCE_DIR) \
+		$(if $(REFERENCE_SRC),--reference-src $(REFERENCE_SRC) --reference-rev $(REFERENCE_REV),) $(BENCH_GPU_ARGS)
+
+# The reference implementation (ace-step/ACE-Step-1.5) in an ignored folder, from a git dir or URL.
+reference-checkout:
+	@test -n "$(REFERENCE_SRC)" || { echo "give REFERENCE_SRC=<git dir or URL of ace-step/ACE-Step-1.5> (or ACESTEP_REFERENCE_SRC)" >&2; exit 2; }
+	$(PY) -m devtools.bench_gpu.reference_checkout --src $(REFERENCE_SRC) --rev $(REFERENCE_REV) --dest $(REFERENCE_DIR)
 
 clean:
 	rm -rf $(VENV) shared/pb/acestep .pytest_cache

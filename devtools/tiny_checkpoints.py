@@ -7,6 +7,8 @@
     DIR/vae/                     AutoencoderOobleck, tiny widths, real 48 kHz / 1920-hop geometry
     DIR/acestep-v15-turbo/       DiT, when ``dit_service.model.weights.write_random_dit`` exists
     DIR/acestep-v15-base/        idem
+    DIR/loras/<id>/              PEFT LoRA adapters of the tiny decoder (adapter_config.json +
+                                 adapter_model.safetensors), made with peft with random non-zero B
 
 The same seed gives byte-identical weight files. The widths are tiny so that every service and test
 runs on a CPU in seconds; the structure (config classes, key names, tokenizer ids layout, VAE hop)
@@ -49,6 +51,10 @@ __all__ = [
     "write_vae",
     "write_dit",
     "tiny_dit_config",
+    "LORA_DIR",
+    "TINY_LORAS",
+    "write_lora",
+    "write_loras",
     "write_all",
     "main",
 ]
@@ -63,6 +69,18 @@ TINY_LM_ENV = {"ACESTEP_LM_MAX_TEXT_TOKENS": "384", "ACESTEP_LM_MAX_DURATION_S":
 
 TURBO_DIR = "acestep-v15-turbo"
 BASE_DIR = "acestep-v15-base"
+LORA_DIR = "loras"
+LORA_B_STD = 1.0  # PEFT starts B at zero (no effect); the tiny adapters get random B, large enough to hear
+
+# The tiny adapters: the reference trainer's default (attention projections), one on the MLPs and
+# embeddings with per-module ranks and alphas, and an rsLoRA one. LoraConfig keyword arguments.
+TINY_LORAS: dict[str, dict[str, Any]] = {
+    "tiny-attn": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+    "tiny-mlp": {"r": 2, "lora_alpha": 4, "target_modules": ["gate_proj", "up_proj", "down_proj", "condition_embedder",
+                                                             "linear_1"],
+                 "rank_pattern": {"down_proj": 3}, "alpha_pattern": {"layers.1.mlp.up_proj": 1}},
+    "tiny-rslora": {"r": 8, "lora_alpha": 4, "use_rslora": True, "target_modules": ["q_proj", "o_proj", "time_proj"]},
+}
 
 TEXT_HIDDEN_DIM = 32            # must equal the tiny DiT's text_hidden_dim
 _VOCAB_MULTIPLE = 64
@@ -250,12 +268,49 @@ def write_dit(variant: str) -> Callable[[Path, int], str | None]:
     return write
 
 
+def write_lora(out_dir: Path, decoder: torch.nn.Module, lora_kwargs: dict[str, Any], seed: int) -> Path:
+    """A PEFT LoRA of ``decoder`` (``get_peft_model`` + ``save_pretrained``), B drawn from ``N(0, LORA_B_STD)``.
+
+    The decoder itself is left as it was (PEFT's wrappers are removed again).
+    """
+    from peft import LoraConfig, get_peft_model  # heavy import, only when adapters are written
+
+    with _seeded(seed):
+        model = get_peft_model(decoder, LoraConfig(**lora_kwargs))
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                with torch.no_grad():
+                    param.normal_(0.0, LORA_B_STD)
+    model.save_pretrained(str(out_dir))
+    model.unload()
+    (Path(out_dir) / "README.md").unlink(missing_ok=True)
+    return Path(out_dir)
+
+
+def write_loras(out_dir: Path, seed: int) -> str | None:
+    """The ``TINY_LORAS`` adapters of the tiny decoder (turbo and base share its shapes)."""
+    try:
+        from dit_service.model.config import DiTConfig
+        from dit_service.model.dit import DiTDecoder
+    except ModuleNotFoundError as error:
+        if not (error.name or "").startswith("dit_service"):
+            raise
+        return "skipped: dit_service is not available"
+    with torch.device("meta"):
+        decoder = DiTDecoder(DiTConfig.from_dict(tiny_dit_config("turbo")))
+    decoder.to_empty(device="cpu")  # shapes are all PEFT needs; its factors are drawn on the CPU
+    for index, (lora_id, kwargs) in enumerate(TINY_LORAS.items()):
+        write_lora(out_dir / lora_id, decoder, kwargs, seed + index)
+    return None
+
+
 WRITER_STEPS: tuple[WriterStep, ...] = (
     WriterStep(LM_DIR, write_lm),
     WriterStep(TEXT_ENCODER_DIR, write_text_encoder),
     WriterStep(VAE_DIR, write_vae),
     WriterStep(TURBO_DIR, write_dit("turbo")),
     WriterStep(BASE_DIR, write_dit("base")),
+    WriterStep(LORA_DIR, write_loras),
 )
 
 

@@ -10,15 +10,18 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 from typing import Optional
 
 import torch
 
 from dit_service.engine import DitEngine, EngineConfig
+from dit_service.lora.registry import MIB
 from dit_service.pipeline import DitPipeline
 from dit_service.servicer import DitServicer
 from dit_service.vae import EncodeMode
 from shared.config import add_server_flags, env_default, server_config_from_args
+from shared.errors import InvalidArgument
 from shared.grpc_server import GrpcServer, ServiceBinding, run_service, write_port_file
 from shared.pb.acestep.dit.v1 import dit_pb2_grpc
 from shared.telemetry import setup_tracing
@@ -44,6 +47,13 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         choices=[m.value for m in EncodeMode],
                         help="sample: seeded posterior draw (reference behaviour); mode: posterior mean")
     parser.add_argument("--no-warmup", action="store_true", default=env_default("dit_no_warmup", False, bool))
+    parser.add_argument("--lora-dir", default=env_default("lora_dir", ""),
+                        help="LoRA adapter folders (<id>/adapter_config.json + adapter_model.safetensors); "
+                             "default: <checkpoints>/loras")
+    parser.add_argument("--lora-cache-mb", type=float, default=env_default("lora_cache_mb", 1024.0, float),
+                        help="device memory for loaded LoRA adapters (least recently used ones are evicted)")
+    parser.add_argument("--lora-max-upload-mb", type=float, default=env_default("lora_max_upload_mb", 1024.0, float),
+                        help="largest adapter_model.safetensors an upload may send")
     add_server_flags(parser, default_port=50052)
     return parser.parse_args(argv)
 
@@ -55,8 +65,14 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    for name in ("lora_cache_mb", "lora_max_upload_mb"):
+        if not getattr(args, name) > 0:
+            raise InvalidArgument(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}", field=name)
     return EngineConfig(max_batch_items=args.max_batch_items, max_queue=args.max_queue,
-                        batch_window_s=args.batch_window_ms / 1000.0)
+                        batch_window_s=args.batch_window_ms / 1000.0,
+                        lora_dir=Path(args.lora_dir or Path(args.checkpoints) / "loras"),
+                        lora_cache_bytes=int(args.lora_cache_mb * MIB),
+                        lora_max_upload_bytes=int(args.lora_max_upload_mb * MIB))
 
 
 async def serve(args: argparse.Namespace) -> None:

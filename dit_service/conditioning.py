@@ -10,6 +10,8 @@ Task recipes (what each row receives before the model's cover swap):
 | repaint | source, silence inside the window | 1 in window | 0 |
 | lego | source | 1 in window (default: whole) | 0 |
 | extract / complete | source | all 1 | 0 |
+| extend | silence, source, silence | 1 on both new ends | 0 |
+| edit | silence (the source is the flow edit's start) | all 1 | 0 |
 
 Every row shares ``T = max(row frames, 128)``; rows are padded with silence-latent frames at
 their own positions. The silence latent is tiled when more frames are needed than it holds.
@@ -29,8 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dit_service import studio
 from dit_service.denoise import RepaintPlan
-from shared.constants import LATENT_FRAMES_PER_SECOND, SAMPLE_RATE_HZ, VAE_HOP_SAMPLES
+from shared.constants import DURATION_MAX_S, LATENT_FRAMES_PER_SECOND, SAMPLE_RATE_HZ, VAE_HOP_SAMPLES
 from shared.errors import InvalidArgument
 
 MIN_LATENT_FRAMES = 128
@@ -39,7 +42,7 @@ REFERENCE_CLIP_S = 30.0
 REFERENCE_SEGMENTS = 3
 FULL_SPAN_MASK_VALUE = 1.0              # reference-dit §10: 1.0 (not the newer 2.0 "auto" sentinel)
 WINDOW_TASKS = ("repaint", "lego")
-SOURCE_TASKS = ("cover", "repaint", "lego", "extract", "complete")
+SOURCE_TASKS = ("cover", "repaint", "lego", "extract", "complete", "extend", "edit")
 DEFAULT_DURATION_S = 30.0
 
 
@@ -51,6 +54,7 @@ class SourcePlan:
     pad_left_frames: int = 0
     pad_right_frames: int = 0
     window: Optional[tuple[int, int]] = None  # [start, end) frames to generate (repaint/lego); None: all
+    windows: tuple[tuple[int, int], ...] = ()  # extend: several spans to generate (then window is None)
 
 
 @dataclass
@@ -64,6 +68,12 @@ class RowInputs:
     window: Optional[tuple[int, int]] = None
     silence_window: bool = False              # repaint: the window's source frames become silence
     refer_latents: Optional[Tensor] = None    # [750, 64] timbre reference; None: silence
+    windows: tuple[tuple[int, int], ...] = ()  # several windows (extend); used instead of window
+
+    @property
+    def spans(self) -> tuple[tuple[int, int], ...]:
+        """The ``[start, end)`` spans to generate; empty: the whole row."""
+        return self.windows or ((self.window,) if self.window is not None else ())
 
 
 @dataclass(frozen=True)
@@ -117,6 +127,24 @@ def plan_source(num_src_frames: int, task_type: str, start_s: float = 0.0, end_s
     return SourcePlan(num_frames=total, pad_left_frames=pad_left, pad_right_frames=pad_right, window=(start, end))
 
 
+def plan_extend(num_src_frames: int, left_s: float, right_s: float) -> SourcePlan:
+    """An extend item: ``round(left_s * 25)`` new frames before the source and ``round(right_s * 25)``
+    after it, both generated (two repaint spans); the source in between is kept."""
+    if num_src_frames < 1:
+        raise InvalidArgument("src_audio is shorter than one latent frame (40 ms)", field="src_audio")
+    left, right = studio.seconds_to_frames(left_s), studio.seconds_to_frames(right_s)
+    if left + right < 1:
+        raise InvalidArgument(f"extend_left_seconds + extend_right_seconds must add at least one latent frame "
+                              f"(40 ms), got {left_s} + {right_s}", field="extend_right_seconds")
+    total = num_src_frames + left + right
+    if total > DURATION_MAX_S * LATENT_FRAMES_PER_SECOND:
+        raise InvalidArgument(f"the extended song must be at most {DURATION_MAX_S:g} s, got "
+                              f"{frames_to_seconds(num_src_frames):g} s of source + {left_s:g} s + {right_s:g} s",
+                              field="extend_right_seconds")
+    return SourcePlan(num_frames=total, pad_left_frames=left, pad_right_frames=right,
+                      windows=studio.extend_spans(num_src_frames, left, right))
+
+
 def silence_frames(silence_latent: Tensor, start: int, stop: int) -> Tensor:
     """Frames ``[start, stop)`` of the silence latent ``[1, T_sil, 64]``, tiled past its end -> ``[n, 64]``."""
     length = silence_latent.shape[1]
@@ -165,19 +193,17 @@ def _row_src(row: RowInputs, frames: int, silence: Tensor) -> Tensor:
     if own is not None:
         length = min(row.num_frames, own.shape[0])
         base[:length] = own[:length].to(base)
-    if row.silence_window and row.window is not None:
-        start, end = row.window
-        base[start:end] = silence_frames(silence, start, end).to(base)
+    if row.silence_window:
+        for start, end in row.spans:
+            base[start:end] = silence_frames(silence, start, end).to(base)
     return base
 
 
 def _row_mask(row: RowInputs, frames: int) -> Tensor:
     """Chunk mask of a row: 1 where new audio is generated -> ``[frames]`` float."""
-    if row.window is None:
+    if not row.spans:
         return torch.full((frames,), FULL_SPAN_MASK_VALUE)
-    mask = torch.zeros(frames)
-    mask[row.window[0] : row.window[1]] = 1.0
-    return mask
+    return studio.spans_mask(row.spans, frames).float()
 
 
 def _row_hints(row: RowInputs, frames: int, silence: Tensor) -> Tensor:
@@ -223,7 +249,7 @@ def assemble(
 
 def _repaint_plan(rows: Sequence[RowInputs], mask_1d: Tensor, src: Tensor) -> Optional[RepaintPlan]:
     """Repaint injection/crossfade for the repaint rows; other rows get an all-True mask (untouched)."""
-    if not any(row.silence_window and row.window is not None for row in rows):
+    if not any(row.silence_window and row.spans for row in rows):
         return None
     is_repaint = torch.tensor([row.silence_window for row in rows], device=mask_1d.device)[:, None]  # [B, 1]
     mask = torch.where(is_repaint, mask_1d > 0, torch.ones_like(mask_1d, dtype=torch.bool))  # [B, T]
@@ -241,6 +267,15 @@ def _unsilenced(row: RowInputs, src_row: Tensor) -> Tensor:
     length = min(row.num_frames, row.src_latents.shape[0])
     clean[:length] = row.src_latents[:length].to(clean)
     return clean
+
+
+def source_rows(rows: Sequence[RowInputs], silence_latent: Tensor, dtype: torch.dtype,
+                device: torch.device) -> Tensor:
+    """Each row's source latents over the batch length (``T`` as in ``assemble``), silence after
+    the row's end -> ``[B, T, 64]`` (the clean source an edit starts from)."""
+    silence = silence_latent.to(device=device, dtype=dtype)
+    frames = max(MIN_LATENT_FRAMES, max(row.num_frames for row in rows))
+    return torch.stack([_row_src(row, frames, silence) for row in rows])
 
 
 def frames_to_seconds(frames: int) -> float:

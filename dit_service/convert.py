@@ -29,6 +29,7 @@ from shared.pb.acestep.dit.v1 import dit_pb2
 from shared.types import GenerationParams
 from shared.validation import MAX_SEED, check_range
 
+MAX_NOISE_TERMS = 16  # a retake of a retake ... adds one term per generation
 STAGES = {
     "conditioning": common_pb2.STAGE_CONDITIONING,
     "diffusion": common_pb2.STAGE_DIFFUSION,
@@ -49,10 +50,13 @@ def synthesis_request(message: dit_pb2.SynthesizeRequest, timeout_s: Optional[fl
     src_latents = None
     if message.HasField("src_latents"):
         src_latents = LatentArray(tuple(int(n) for n in message.src_latents.shape), message.src_latents.float32_le)
+    vae_seed = message.vae_seed if message.HasField("vae_seed") else None
+    if vae_seed is not None:
+        check_range("vae_seed", vae_seed, 0, MAX_SEED)
     return SynthesisRequest(
         request_id=message.request_id or uuid.uuid4().hex, params=params, items=items,
         audio_format=convert.AUDIO_FORMAT_FROM_PB[audio_format], stream_pcm=message.stream_pcm,
-        src_latents=src_latents, timeout_s=timeout_s,
+        src_latents=src_latents, timeout_s=timeout_s, return_latents=message.return_latents, vae_seed=vae_seed,
     )
 
 
@@ -70,7 +74,14 @@ def _item(index: int, item: dit_pb2.SynthesisItem) -> SynthesisItem:
     if bad:
         raise InvalidArgument(f"items[{index}].audio_codes must be in [0, {MAX_AUDIO_CODE}], got {bad[0]}",
                               field="items.audio_codes")
-    return SynthesisItem(seed=item.seed, audio_codes=codes)
+    if len(item.noise_mix) > MAX_NOISE_TERMS:
+        raise InvalidArgument(f"items[{index}].noise_mix must hold at most {MAX_NOISE_TERMS} terms, got "
+                              f"{len(item.noise_mix)}", field="items.noise_mix")
+    for term in item.noise_mix:
+        check_range(f"items[{index}].noise_mix.seed", term.seed, 0, MAX_SEED)
+        check_range(f"items[{index}].noise_mix.weight", term.weight, -1.0, 1.0)
+    mix = tuple((int(term.seed), float(term.weight)) for term in item.noise_mix)
+    return SynthesisItem(seed=item.seed, audio_codes=codes, noise_mix=mix)
 
 
 def synthesize_event(event: object) -> dit_pb2.SynthesizeEvent:
@@ -88,9 +99,11 @@ def synthesize_event(event: object) -> dit_pb2.SynthesizeEvent:
             item_index=event.item_index, format=convert.AUDIO_FORMAT_TO_PB[event.audio_format],
             offset=event.offset, data=event.data, is_last=event.is_last, total_bytes=event.total_bytes))
     if isinstance(event, ItemDone):
-        return dit_pb2.SynthesizeEvent(item_done=dit_pb2.ItemDone(
-            item_index=event.item_index, seed=event.seed, sample_rate_hz=event.sample_rate_hz,
-            num_samples=event.num_samples, duration_s=event.duration_s))
+        done = dit_pb2.ItemDone(item_index=event.item_index, seed=event.seed, sample_rate_hz=event.sample_rate_hz,
+                                num_samples=event.num_samples, duration_s=event.duration_s)
+        if event.latents is not None:
+            done.latents.CopyFrom(_tensor(event.latents))
+        return dit_pb2.SynthesizeEvent(item_done=done)
     if isinstance(event, Accepted):
         return dit_pb2.SynthesizeEvent(accepted=dit_pb2.Accepted(request_id=event.request_id,
                                                                  queue_position=event.queue_position))
@@ -103,7 +116,11 @@ def synthesize_event(event: object) -> dit_pb2.SynthesizeEvent:
     raise TypeError(f"not a DiT engine event: {type(event).__name__}")
 
 
+def _tensor(array: np.ndarray) -> dit_pb2.Tensor:
+    values = np.ascontiguousarray(array, dtype="<f4")
+    return dit_pb2.Tensor(shape=list(values.shape), float32_le=values.tobytes())
+
+
 def encode_audio_response(encoded: EncodedAudio) -> dit_pb2.EncodeAudioResponse:
-    latents = np.ascontiguousarray(encoded.latents, dtype="<f4")
-    tensor = dit_pb2.Tensor(shape=list(latents.shape), float32_le=latents.tobytes())
-    return dit_pb2.EncodeAudioResponse(latents=tensor, codes=encoded.codes, duration_s=encoded.duration_s)
+    return dit_pb2.EncodeAudioResponse(latents=_tensor(encoded.latents), codes=encoded.codes,
+                                       duration_s=encoded.duration_s)

@@ -8,7 +8,8 @@ start (``cover_noise_strength``) and repaint injection plus boundary crossfade.
 Randomness is per item: item ``b``'s initial noise is ``randn((1, T, 64))`` from
 ``torch.Generator(device).manual_seed(seeds[b])`` (exactly the reference's draw), and the same
 generator then supplies that item's SDE noise, so an item's result does not depend on what else
-shares its batch. Tests inject recorded draws through ``noise`` and ``eps_source``.
+shares its batch. A retake item mixes several seeded generators instead (``noise_mix``, see
+``dit_service.studio``). Tests inject recorded draws through ``noise`` and ``eps_source``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from dit_service.guidance import GuidanceSettings, MomentumBuffer, double_batch, double_conditions, guide
 from dit_service.sampler import SamplerSettings, add_noise
+from dit_service.studio import NoiseTerms, mix_draws, soft_mask
 from shared.errors import Cancelled, InvalidArgument
 
 LATENT_CHANNELS = 64
@@ -66,8 +68,9 @@ class DenoiseInputs:
     """Everything one ``denoise`` call needs besides the model.
 
     Give ``noise [B, T, 64]`` or ``seeds`` (one non-negative int per item); an SDE sampler needs
-    ``seeds`` or an ``eps_source``. ``non_cover`` is required when ``audio_cover_strength < 1``;
-    ``src_latents [B, T, 64]`` when ``cover_noise_strength > 0``.
+    ``seeds`` or an ``eps_source``. ``noise_mix`` (one entry per item, ``()`` for a plain item)
+    makes an item's draws a weighted sum of several seeds' draws. ``non_cover`` is required when
+    ``audio_cover_strength < 1``; ``src_latents [B, T, 64]`` when ``cover_noise_strength > 0``.
     """
 
     conditions: Conditions
@@ -81,6 +84,7 @@ class DenoiseInputs:
     src_latents: Tensor | None = None
     repaint: RepaintPlan | None = None
     eps_source: EpsSource | None = None
+    noise_mix: Sequence[NoiseTerms] | None = None
 
 
 def seeded_generators(seeds: Sequence[int], device: torch.device) -> list[torch.Generator]:
@@ -122,7 +126,7 @@ def denoise(
     context = request.conditions.context_latents
     sampler = request.sampling.build(context.dtype)
     shape = (context.shape[0], context.shape[1], LATENT_CHANNELS)
-    randomness = _Randomness(request, shape, context.dtype, context.device)
+    randomness = Randomness(request, shape, context.dtype, context.device)
     x = noise = randomness.initial_noise()
     if request.cover_noise_strength > 0:
         start_level = sampler.start_from_source(request.cover_noise_strength)
@@ -136,8 +140,8 @@ def denoise(
         if should_stop is not None and should_stop():
             raise Cancelled(f"denoising cancelled before step {step_index + 1} of {num_steps}")
         t = sampler.timestep(step_index)
-        velocity = _velocity(model, conditions.at(step_index), x, t, request.guidance, momentum)
-        eps = randomness.eps() if sampler.needs_renoise(step_index) else None
+        velocity = guided_velocity(model, conditions.at(step_index), x, t, request.guidance, momentum, step_index)
+        eps = randomness.draw() if sampler.needs_renoise(step_index) else None
         x = sampler.step(velocity, step_index, x, renoise=eps)
         level = sampler.level_after(step_index)
         if repaint is not None and step_index < injection_steps and level is not None:
@@ -165,38 +169,65 @@ def _validate(request: DenoiseInputs) -> None:
     request.guidance.validate()
 
 
-class _Randomness:
-    """Initial noise and SDE noise of one request (given tensors, or per-item seeded generators)."""
+class Randomness:
+    """Initial noise and later draws (SDE noise, flow-edit noise) of one request: given tensors, or
+    per-item seeded generators (several, weighted, for an item with a noise mix)."""
 
     def __init__(self, request: DenoiseInputs, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device):
         self._request, self._shape, self._dtype, self._device = request, shape, dtype, device
         seeds = request.seeds
         if seeds is not None and len(seeds) != shape[0]:
             raise InvalidArgument(f"seeds must hold one seed per item ({shape[0]}), got {len(seeds)}", field="seeds")
-        self._generators = seeded_generators(seeds, device) if seeds is not None else None
-        self._num_eps = 0
+        mixes = list(request.noise_mix) if request.noise_mix is not None else [()] * shape[0]
+        if len(mixes) != shape[0]:
+            raise InvalidArgument(f"noise_mix must hold one entry per item ({shape[0]}), got {len(mixes)}",
+                                  field="noise_mix")
+        self._sources = None
+        if seeds is not None:
+            terms = [mix or ((seed, 1.0),) for seed, mix in zip(seeds, mixes)]
+            self._sources = [(seeded_generators([s for s, _ in item], device), [w for _, w in item]) for item in terms]
+        self._num_draws = 0
 
     def initial_noise(self) -> Tensor:
         noise = self._request.noise
-        if self._generators is not None:
-            drawn = draw_per_item(self._generators, self._shape[1], self._dtype, self._device)  # [B, T, 64]
+        if self._sources is not None:
+            drawn = self._draw_seeded()  # [B, T, 64]
             noise = drawn if noise is None else noise
         if tuple(noise.shape) != self._shape:
             raise InvalidArgument(f"noise must have shape {list(self._shape)}, got {list(noise.shape)}", field="noise")
         return noise.to(device=self._device, dtype=self._dtype)
 
-    def eps(self) -> Tensor:
-        index, self._num_eps = self._num_eps, self._num_eps + 1
+    def draw(self) -> Tensor:
+        """The next fresh noise ``[B, T, 64]`` after the initial one."""
+        index, self._num_draws = self._num_draws, self._num_draws + 1
         if self._request.eps_source is not None:
             return self._request.eps_source(index, self._shape).to(device=self._device, dtype=self._dtype)
-        return draw_per_item(self._generators, self._shape[1], self._dtype, self._device)
+        return self._draw_seeded()
+
+    def _draw_seeded(self) -> Tensor:
+        frames = self._shape[1]
+        rows = [mix_draws(draw_per_item(generators, frames, self._dtype, self._device).split(1), weights)
+                for generators, weights in self._sources]
+        return torch.cat(rows, dim=0)  # [B, T, 64]
 
 
 @dataclass(frozen=True)
-class _ActiveConditions:
+class ActiveConditions:
+    """A condition set as the decoder takes it (doubled with the null condition under CFG)."""
+
     encoder_hidden_states: Tensor  # [B or 2B, L, D_enc]
     context_latents: Tensor  # [B or 2B, T, 128]
     cross_kv: Any  # the decoder's precomputed cross-attention K/V, when it supports them
+
+
+def activate(model: DenoiseModel, conditions: Conditions, guidance: GuidanceSettings) -> ActiveConditions:
+    """``conditions`` doubled for CFG when it is on, with the decoder's cross-attention K/V."""
+    enc, context = conditions.encoder_hidden_states, conditions.context_latents
+    if guidance.is_enabled:
+        enc, context = double_conditions(enc, context, model.null_condition_emb)
+    decoder = model.decoder
+    cross_kv = decoder.precompute_cross_kv(enc) if hasattr(decoder, "precompute_cross_kv") else None
+    return ActiveConditions(enc, context, cross_kv)
 
 
 class _ConditionSwitch:
@@ -207,38 +238,31 @@ class _ConditionSwitch:
     def __init__(self, model: DenoiseModel, request: DenoiseInputs, num_steps: int) -> None:
         self._model, self._request = model, request
         self._cover_steps = int(num_steps * request.audio_cover_strength)
-        self._active = self._activate(request.conditions)
+        self._active = activate(model, request.conditions, request.guidance)
         self._switched = False
 
-    def at(self, step_index: int) -> _ActiveConditions:
+    def at(self, step_index: int) -> ActiveConditions:
         if step_index >= self._cover_steps and not self._switched:
             self._switched = True
-            self._active = self._activate(self._request.non_cover)
+            self._active = activate(self._model, self._request.non_cover, self._request.guidance)
         return self._active
 
-    def _activate(self, conditions: Conditions) -> _ActiveConditions:
-        enc, context = conditions.encoder_hidden_states, conditions.context_latents
-        if self._request.guidance.is_enabled:
-            enc, context = double_conditions(enc, context, self._model.null_condition_emb)
-        decoder = self._model.decoder
-        cross_kv = decoder.precompute_cross_kv(enc) if hasattr(decoder, "precompute_cross_kv") else None
-        return _ActiveConditions(enc, context, cross_kv)
 
-
-def _velocity(
+def guided_velocity(
     model: DenoiseModel,
-    active: _ActiveConditions,
+    active: ActiveConditions,
     x: Tensor,
     t: float,
     guidance: GuidanceSettings,
     momentum: MomentumBuffer,
+    step_index: int = 0,
 ) -> Tensor:
     """One decoder call at timestep ``t`` (``r = t``), guided when CFG is on -> ``[B, T, 64]``."""
     x_in = double_batch(x) if guidance.is_enabled else x  # [B or 2B, T, 64]
     timestep = torch.full((x_in.shape[0],), t, dtype=x.dtype, device=x.device)  # [B or 2B]
     kwargs = {"cross_kv": active.cross_kv} if active.cross_kv is not None else {}
     out = model.decoder(x_in, timestep, timestep, active.encoder_hidden_states, active.context_latents, **kwargs)
-    return guide(out, x, t, guidance, momentum) if guidance.is_enabled else out
+    return guide(out, x, t, guidance, momentum, step_index) if guidance.is_enabled else out
 
 
 def inject_source(x: Tensor, repaint: RepaintPlan, noise: Tensor, level: float) -> Tensor:
@@ -252,23 +276,11 @@ def crossfade_boundaries(generated: Tensor, clean: Tensor, mask: Tensor, num_fra
     """Blend ``generated`` into ``clean`` (both ``[B, T, 64]``) around each row's repaint span.
 
     The weight is ``mask [B, T]`` (1 = generated) plus, per row, a linear ramp
-    ``linspace(0, 1, n + 2)[1:-1]`` over the ``n <= num_frames`` frames before the first True
-    frame and the mirror ramp after the last one; rows that are all True or all False keep their
-    0/1 mask.
+    ``linspace(0, 1, n + 2)[1:-1]`` over the ``n <= num_frames`` frames before each span of True
+    frames and the mirror ramp after it (``dit_service.studio.soft_mask``); rows that are all True
+    or all False keep their 0/1 mask.
     """
     mask = mask.to(device=generated.device, dtype=torch.bool)
-    soft = mask.float().clone()  # [B, T]
-    frames = mask.shape[1]
-    for row_index, row in enumerate(mask):
-        if bool(row.all()) or not bool(row.any()):
-            continue
-        inside = torch.nonzero(row, as_tuple=False).squeeze(-1)
-        left, right = int(inside[0]), int(inside[-1]) + 1
-        fade_in = left - max(left - num_frames, 0)
-        if fade_in > 0:
-            soft[row_index, left - fade_in : left] = torch.linspace(0, 1, fade_in + 2, device=soft.device)[1:-1]
-        fade_out = min(right + num_frames, frames) - right
-        if fade_out > 0:
-            soft[row_index, right : right + fade_out] = torch.linspace(1, 0, fade_out + 2, device=soft.device)[1:-1]
+    soft = soft_mask(mask, num_frames)  # [B, T]
     weight = soft.unsqueeze(-1).expand_as(generated)  # [B, T, 64]
     return (weight * generated + (1.0 - weight) * clean.to(generated.dtype)).to(generated.dtype)

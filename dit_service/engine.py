@@ -17,10 +17,12 @@ cut back to its own length. ``abort(request_id)`` stops a request at the next st
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -39,6 +41,7 @@ from dit_service.events import (
     SynthesisItem,
     SynthesisRequest,
 )
+from dit_service.lora.registry import LoraInfo, LoraRegistry, RegistryConfig
 from dit_service.pipeline import DitPipeline
 from dit_service.planning import RowSpec, Sources, item_codes, plan_request
 from dit_service.worker import BatchWorker, RequestState
@@ -53,6 +56,7 @@ __all__ = [
     "LatentArray", "PcmChunk", "Progress", "SynthesisItem", "SynthesisRequest",
 ]
 
+log = logging.getLogger(__name__)
 MAX_SEED = 2**32 - 1
 WARMUP_DURATION_S = 10.0
 
@@ -65,6 +69,9 @@ class EngineConfig:
     max_source_s: float = DURATION_MAX_S
     file_chunk_bytes: int = DEFAULT_CHUNK_BYTES
     pcm_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    lora_dir: Optional[Path] = None             # adapter folders (<checkpoints>/loras); None: no adapters
+    lora_cache_bytes: int = 1024 * 1024 * 1024  # device memory for loaded adapters
+    lora_max_upload_bytes: int = 1024 * 1024 * 1024
 
 
 class DitEngine:
@@ -77,9 +84,14 @@ class DitEngine:
                                   pcm_chunk_bytes=config.pcm_chunk_bytes)
         self.batcher = Batcher(self.worker.run, max_batch_items=config.max_batch_items, max_queue=config.max_queue,
                                batch_window_s=config.batch_window_s)
+        registry = RegistryConfig(config.lora_dir, config.lora_cache_bytes, config.lora_max_upload_bytes)
+        self.loras = LoraRegistry(registry, pipeline.lora.targets, pipeline.device, pipeline.dtype)
 
     async def start(self) -> None:
         await self.batcher.start()
+        found = await self.loras.scan()
+        if found:
+            log.info("LoRA adapters: %s", ", ".join(info.lora_id for info in found))
 
     async def stop(self) -> None:
         await self.batcher.stop()
@@ -96,8 +108,15 @@ class DitEngine:
         self.batcher.abort(request_id)
 
     async def submit(self, request: SynthesisRequest) -> AsyncIterator:
-        """Admit ``request`` and stream its events (raises typed errors, before or during the stream)."""
+        """Admit ``request`` and stream its events (raises typed errors, before or during the stream).
+        The request's LoRA adapters are loaded (if needed) and pinned before it joins the queue."""
         state = await self._plan(request)
+        async with self.loras.pinned(state.plan.loras) as adapters:
+            state.plan.adapters = adapters
+            async for event in self._run(request, state):
+                yield event
+
+    async def _run(self, request: SynthesisRequest, state: RequestState) -> AsyncIterator:
         deadline = None if request.timeout_s is None else time.monotonic() + request.timeout_s
         stream = self.batcher.submit(request.request_id, state.plan.batch_key, len(state.rows), state, deadline)
         try:
@@ -118,6 +137,16 @@ class DitEngine:
         finally:
             await stream.aclose()
 
+    async def list_loras(self, lora_ids: Sequence[str] = ()) -> tuple[list[LoraInfo], list[str]]:
+        return await self.loras.list(lora_ids)
+
+    async def upload_lora(self, lora_id: str, config_text: str, chunks: AsyncIterator[bytes],
+                          total_bytes: int) -> tuple[LoraInfo, bool]:
+        return await self.loras.upload(lora_id, config_text, chunks, total_bytes)
+
+    async def delete_lora(self, lora_id: str) -> None:
+        await self.loras.delete(lora_id)
+
     async def encode_audio(self, data: bytes) -> EncodedAudio:
         """Source audio bytes -> 25 Hz VAE latents ``[T, 64]`` and 5 Hz audio codes."""
         audio = await asyncio.to_thread(decode_to_stereo_48k, data, "audio", self.config.max_source_s)
@@ -134,10 +163,13 @@ class DitEngine:
         sources = await asyncio.to_thread(self._decode_sources, params, request.src_latents)
         codes = item_codes(params, [item.audio_codes for item in request.items])
         seeds = [item.seed if item.seed >= 0 else random.randint(0, MAX_SEED) for item in request.items]
+        vae_seed = request.vae_seed if request.vae_seed is not None else seeds[0]
         plan = plan_request(params, sources, has_codes=any(codes), is_turbo=self.pipeline.is_turbo,
-                            model_name=self.pipeline.name, vae_seed=seeds[0])
-        rows = [RowSpec(plan, index, seed, item_codes_) for index, (seed, item_codes_) in enumerate(zip(seeds, codes))]
-        return RequestState(request.request_id, plan, rows, request.audio_format, request.stream_pcm)
+                            model_name=self.pipeline.name, vae_seed=vae_seed)
+        rows = [RowSpec(plan, index, seed, item_codes_, item.noise_mix)
+                for index, (seed, item_codes_, item) in enumerate(zip(seeds, codes, request.items))]
+        return RequestState(request.request_id, plan, rows, request.audio_format, request.stream_pcm,
+                            request.return_latents)
 
     def _decode_sources(self, params: GenerationParams, src_latents: Optional[LatentArray]) -> Sources:
         """Decode uploads to 48 kHz stereo (runs on a helper thread; errors name the field)."""

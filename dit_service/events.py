@@ -30,6 +30,7 @@ class LatentArray:
 class SynthesisItem:
     seed: int = -1                       # -1: random
     audio_codes: tuple[int, ...] = ()
+    noise_mix: tuple[tuple[int, float], ...] = ()  # retake: (seed, weight) terms of every draw; empty: seed
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class SynthesisRequest:
     stream_pcm: bool = False
     src_latents: Optional[LatentArray] = None
     timeout_s: Optional[float] = None    # time left before the caller's deadline
+    return_latents: bool = False         # ItemDone carries the item's final latents
+    vae_seed: Optional[int] = None       # VAE encode sampling seed; None: the first item's seed
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class ItemDone:
     sample_rate_hz: int
     num_samples: int
     duration_s: float
+    latents: Optional[np.ndarray] = None  # [T, 64] float32, when the request asked for them
 
 
 @dataclass(frozen=True)

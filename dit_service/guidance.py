@@ -8,6 +8,9 @@ output splits into ``(v_cond, v_uncond)``, which one of the rules below combines
   only its component orthogonal to ``v_cond`` (computed in float64) is added.
 * ADG: angle-based guidance on the clean-sample estimates ``x - t * v``, per frame over the
   channels, with the angle clipped to ``3.14 / 6`` (the reference's literal, not pi).
+* ``cfg_type`` "cfg" and "cfg_star" (ACE-Step v1's other two rules, kept for its users): plain
+  CFG ``u + s * (c - u)``, and CFG-Zero* (the unconditional velocity rescaled by the per-item
+  projection ``<c, u> / |u|^2``, with a zero velocity on steps 0 and 1 as v1's ``zero_steps=1``).
 
 Guidance applies only while ``interval_start <= t <= interval_end``; elsewhere ``v = v_cond``.
 """
@@ -30,6 +33,9 @@ _ADG_COS_MARGIN = 1e-6
 _ADG_MIN_SIN = 1e-3
 _ADG_WEIGHT_FLOOR = 1e-3
 _PROJECTION_EPS = 1e-8
+CFG_TYPES = ("apg", "cfg", "cfg_star")
+CFG_STAR_ZERO_STEPS = 1        # v1: steps with index <= zero_steps return a zero velocity
+_CFG_STAR_EPS = 1e-8
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,7 @@ class GuidanceSettings:
     use_adg: bool = False
     interval_start: float = 0.0
     interval_end: float = 1.0
+    cfg_type: str = "apg"         # ignored when use_adg
 
     @property
     def is_enabled(self) -> bool:
@@ -53,6 +60,9 @@ class GuidanceSettings:
         return bool((t_tensor >= self.interval_start) & (t_tensor <= self.interval_end))
 
     def validate(self) -> None:
+        if self.cfg_type not in CFG_TYPES:
+            raise InvalidArgument(f"cfg_type must be one of {', '.join(CFG_TYPES)}, got {self.cfg_type!r}",
+                                  field="cfg_type")
         if not self.interval_start <= self.interval_end:
             raise InvalidArgument(
                 f"cfg interval start must be <= end, got [{self.interval_start}, {self.interval_end}]",
@@ -156,10 +166,30 @@ def _perpendicular(diff: Tensor, base: Tensor) -> Tensor:
     return d - dot / (norm_sq + _PROJECTION_EPS) * u
 
 
+def cfg(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+    """Plain classifier-free guidance ``u + s * (c - u)``."""
+    return uncond + scale * (cond - uncond)
+
+
+def cfg_star(cond: Tensor, uncond: Tensor, scale: float, step_index: int,
+             zero_steps: int = CFG_STAR_ZERO_STEPS) -> Tensor:
+    """CFG-Zero* on velocities ``[B, T, C]``: ``a * u + s * (c - a * u)`` with the per-item
+    ``a = <c, u> / (|u|^2 + 1e-8)`` over all of an item's values; zero on steps ``<= zero_steps``."""
+    if step_index <= zero_steps:
+        return cond * 0.0
+    batch = cond.shape[0]
+    flat_cond, flat_uncond = cond.reshape(batch, -1), uncond.reshape(batch, -1)
+    alpha = (flat_cond * flat_uncond).sum(dim=1) / ((flat_uncond ** 2).sum(dim=1) + _CFG_STAR_EPS)  # [B]
+    alpha = alpha.view(batch, *([1] * (cond.dim() - 1)))
+    return uncond * alpha + scale * (cond - uncond * alpha)
+
+
 def guide(
-    doubled_velocity: Tensor, sample: Tensor, t: float, settings: GuidanceSettings, momentum: MomentumBuffer
+    doubled_velocity: Tensor, sample: Tensor, t: float, settings: GuidanceSettings, momentum: MomentumBuffer,
+    step_index: int = 0,
 ) -> Tensor:
-    """Combine a doubled-batch output ``[2B, T, C]`` into the guided velocity ``[B, T, C]`` at ``t``.
+    """Combine a doubled-batch output ``[2B, T, C]`` into the guided velocity ``[B, T, C]`` at ``t``
+    (``step_index``: the step's 0-based index, for CFG-Zero*'s zero start).
 
     Outside the cfg interval the conditional half is returned and the momentum is left untouched.
     """
@@ -168,4 +198,8 @@ def guide(
         return cond
     if settings.use_adg:
         return adg(sample, cond, uncond, t, settings.scale)
+    if settings.cfg_type == "cfg":
+        return cfg(cond, uncond, settings.scale)
+    if settings.cfg_type == "cfg_star":
+        return cfg_star(cond, uncond, settings.scale, step_index)
     return apg(cond, uncond, settings.scale, momentum)

@@ -25,6 +25,8 @@ from torch import Tensor
 from dit_service import conditioning
 from dit_service.conditioning import RowInputs
 from dit_service.denoise import Conditions, DenoiseInputs, denoise
+from dit_service.flow_edit import EditInputs, flow_edit
+from dit_service.lora.layers import BatchAdapters, LoraRouter, install_lora_layers
 from dit_service.model.weights import LoadedDiT, load_dit
 from dit_service.planning import RequestPlan, RowSpec
 from dit_service.prompts import dit_prompts
@@ -45,6 +47,8 @@ class PreparedBatch:
 
     inputs: DenoiseInputs
     num_frames: tuple[int, ...]
+    adapters: tuple = ()  # per row: its LoRA blend ((adapter, scale), ...); empty: none
+    edit: Optional[EditInputs] = None   # an edit batch runs the flow edit instead of ``denoise``
 
 
 class DitPipeline:
@@ -66,6 +70,7 @@ class DitPipeline:
                 f"text_hidden_dim {dit.config.text_hidden_dim}", field="checkpoints"
             )
         self.model = dit.model
+        self.lora = install_lora_layers(self.model.decoder)  # per-row adapters; the base math is unchanged
         self.config = dit.config
         self.silence_latent = dit.silence_latent  # [1, T_sil, 64]
         self.text_encoder = text_encoder
@@ -118,6 +123,8 @@ class DitPipeline:
         """
         for plan in {id(row.plan): row.plan for row in rows}.values():
             self.prepare_sources(plan)
+        if rows[0].plan.edit is not None:
+            return self._prepare_edit(rows)
         row_inputs = [self._row_inputs(row) for row in rows]
         batch = conditioning.assemble(row_inputs, self.silence_latent, self.dtype, self.device)
         prompts = [dit_prompts(row.plan.text_for(row), row.plan.audio_cover_strength) for row in rows]
@@ -133,16 +140,45 @@ class DitPipeline:
         inputs = DenoiseInputs(
             conditions=conditions, sampling=plan.sampling, guidance=plan.guidance, seeds=[row.seed for row in rows],
             non_cover=non_cover, audio_cover_strength=plan.audio_cover_strength if non_cover else 1.0,
-            repaint=batch.repaint,
+            repaint=batch.repaint, noise_mix=[row.noise_mix for row in rows],
         )
-        return PreparedBatch(inputs=inputs, num_frames=batch.num_frames)
+        return PreparedBatch(inputs=inputs, num_frames=batch.num_frames,
+                             adapters=tuple(tuple(row.plan.adapters) for row in rows))
+
+    def _prepare_edit(self, rows: Sequence[RowSpec]) -> PreparedBatch:
+        """Source and target conditions (text2music context) and the clean source latents of an edit batch."""
+        row_inputs = [RowInputs(num_frames=row.plan.num_frames_for(row), refer_latents=row.plan.refer_latents)
+                      for row in rows]
+        batch = conditioning.assemble(row_inputs, self.silence_latent, self.dtype, self.device)
+        sources = [dit_prompts(row.plan.text_for(row), 1.0) for row in rows]
+        targets = [dit_prompts(row.plan.target_text_for(row), 1.0) for row in rows]
+        no_covers = torch.zeros_like(batch.is_covers)
+        source = self._conditions([p.text_prompt for p in sources], [p.lyrics_prompt for p in sources], batch,
+                                  batch.src_latents, no_covers, None)
+        target = self._conditions([p.text_prompt for p in targets], [p.lyrics_prompt for p in targets], batch,
+                                  batch.src_latents, no_covers, None)
+        clean = conditioning.source_rows(
+            [RowInputs(num_frames=spec.num_frames, src_latents=row.plan.src_latents)
+             for spec, row in zip(row_inputs, rows)], self.silence_latent, self.dtype, self.device)  # [B, T, 64]
+        plan = rows[0].plan
+        inputs = DenoiseInputs(conditions=source, sampling=plan.sampling, guidance=plan.guidance,
+                               seeds=[row.seed for row in rows], noise_mix=[row.noise_mix for row in rows])
+        edit = EditInputs(source=inputs, target=target, src_latents=clean, n_min=plan.edit.n_min,
+                          n_max=plan.edit.n_max)
+        return PreparedBatch(inputs=inputs, num_frames=batch.num_frames,
+                             adapters=tuple(tuple(row.plan.adapters) for row in rows), edit=edit)
 
     def denoise(self, prepared: PreparedBatch, *, live_rows: LiveRows,
                 on_step: Optional[Callable[[int, int], None]] = None) -> Tensor:
         """Latents ``[B, T, 64]``; rows not in ``live_rows()`` stop being computed (their values are
         meaningless). Raises ``Cancelled`` when no row is live any more."""
-        proxy = _LiveRowModel(self.model, prepared.inputs.conditions.context_latents.shape[0], live_rows)
-        return denoise(proxy, prepared.inputs, on_step=on_step, should_stop=lambda: not live_rows())
+        adapters = BatchAdapters.build(prepared.adapters) if prepared.adapters else None
+        proxy = _LiveRowModel(self.model, prepared.inputs.conditions.context_latents.shape[0], live_rows,
+                              self.lora, adapters)
+        with self.lora.use(adapters):
+            if prepared.edit is not None:
+                return flow_edit(proxy, prepared.edit, on_step=on_step, should_stop=lambda: not live_rows())
+            return denoise(proxy, prepared.inputs, on_step=on_step, should_stop=lambda: not live_rows())
 
     def decode_tiles(self, latents: Tensor, num_frames: Sequence[int], live_rows: LiveRows) -> Iterator[AudioTile]:
         """VAE tiles over the longest row; each tile decodes the live rows that have not ended yet."""
@@ -198,9 +234,11 @@ class DitPipeline:
             with torch.no_grad():
                 hints = self.model.codes_to_latents(indices)[0]  # [5 * T5, 64]
         window = plan.source_plan.window if plan.source_plan is not None else None
+        windows = plan.source_plan.windows if plan.source_plan is not None else ()
         return RowInputs(
             num_frames=plan.num_frames_for(row), is_cover=plan.is_cover, src_latents=plan.src_latents, hints=hints,
-            window=window, silence_window=plan.task_type == "repaint", refer_latents=plan.refer_latents,
+            window=window, silence_window=plan.task_type in ("repaint", "extend"), refer_latents=plan.refer_latents,
+            windows=windows,
         )
 
     @torch.no_grad()
@@ -220,14 +258,18 @@ class DitPipeline:
 class _LiveRowModel:
     """The model as ``denoise`` sees it, with a decoder that computes only the live rows."""
 
-    def __init__(self, model: Any, num_rows: int, live_rows: LiveRows) -> None:
+    def __init__(self, model: Any, num_rows: int, live_rows: LiveRows, lora: LoraRouter,
+                 adapters: Optional[BatchAdapters]) -> None:
         self.null_condition_emb = model.null_condition_emb
-        self.decoder = _LiveRowDecoder(model.decoder, num_rows, live_rows)
+        self.decoder = _LiveRowDecoder(model.decoder, num_rows, live_rows, lora, adapters)
 
 
 class _LiveRowDecoder:
-    def __init__(self, decoder: Any, num_rows: int, live_rows: LiveRows) -> None:
+    def __init__(self, decoder: Any, num_rows: int, live_rows: LiveRows, lora: LoraRouter,
+                 adapters: Optional[BatchAdapters]) -> None:
         self._decoder, self._num_rows, self._live_rows = decoder, num_rows, live_rows
+        self._lora, self._adapters = lora, adapters
+        self._selected: tuple[tuple[int, ...], Optional[BatchAdapters]] = ((), None)
 
     def precompute_cross_kv(self, encoder_hidden_states: Tensor) -> Any:
         return self._decoder.precompute_cross_kv(encoder_hidden_states)
@@ -242,7 +284,17 @@ class _LiveRowDecoder:
         index = torch.tensor([c * self._num_rows + i for c in range(copies) for i in live], device=x.device)
         kv = None if cross_kv is None else tuple((k[index], v[index]) for k, v in cross_kv)
         out = torch.zeros_like(x)  # [B or 2B, T, 64]
+        adapters = self._live_adapters(live)
         if len(index):
-            out[index] = self._decoder(x[index], t[index], r[index], None if enc is None else enc[index],
-                                       context[index], cross_kv=kv)
+            with self._lora.use(adapters):  # the live rows keep their own adapters
+                out[index] = self._decoder(x[index], t[index], r[index], None if enc is None else enc[index],
+                                           context[index], cross_kv=kv)
         return out
+
+    def _live_adapters(self, live: list[int]) -> Optional[BatchAdapters]:
+        """The batch's adapters reduced to the live rows (kept while the live set stays the same)."""
+        if self._adapters is None:
+            return None
+        if self._selected[0] != tuple(live):
+            self._selected = (tuple(live), self._adapters.select(live))
+        return self._selected[1]

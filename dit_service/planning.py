@@ -7,6 +7,10 @@
   length is then 5 latent frames per code. Source tasks take their length from the source
   (plus outpaint padding); text2music takes the requested duration (30 s when automatic).
 * ``audio_cover_strength`` matters for cover rows only; other rows always use 1.
+* Studio operations (docs/studio.md): ``extend`` is a repaint of new frames on both sides of the
+  source (both variants); ``edit`` runs the flow edit (``dit_service.flow_edit``) from the source
+  to the target caption/lyrics, in batches of its own. ``retake`` never reaches the DiT: the
+  gateway sends the source item's own task with per-item noise mixes (``RowSpec.noise_mix``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dit_service.conditioning import SourcePlan
 from dit_service.guidance import GuidanceSettings
 from dit_service.prompts import ConditioningText, build_metas_dict, extract_caption, metas_duration_s, task_instruction
 from dit_service.sampler import SamplerSettings
+from dit_service.studio import NoiseTerms
 from shared.audio_codes import parse_codes
 from shared.constants import (
     DEFAULT_DIT_INSTRUCTION,
@@ -33,10 +38,15 @@ from shared.constants import (
 )
 from shared.errors import InvalidArgument, out_of_range
 from shared.types import GenerationParams
+from shared.validation import lora_blend
 
 INSTRUMENTAL_LYRICS = "[Instrumental]"
 DEFAULT_LANGUAGE = "en"
 FRAMES_PER_CODE = 5
+STUDIO_DIT_TASKS = ("extend", "edit")
+DIT_TASK_TYPES = (*TASK_TYPES, *STUDIO_DIT_TASKS)
+DIT_TASK_TYPES_TURBO = (*TASK_TYPES_TURBO, *STUDIO_DIT_TASKS)
+_INSTRUCTION_TASK = {"extend": "repaint", "edit": "text2music"}  # the trained instruction each one uses
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,16 @@ class RowSpec:
     item_index: int
     seed: int
     codes: tuple[int, ...] = ()
+    noise_mix: NoiseTerms = ()          # retake: weighted seeds of the item's draws; empty: seed alone
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """What an edit request changes: the target caption/lyrics and the edited slice of the steps."""
+
+    target: ConditioningText
+    n_min: float
+    n_max: float
 
 
 @dataclass(eq=False)
@@ -64,10 +84,13 @@ class RequestPlan:
     num_steps: int
     vae_seed: int
     source_plan: Optional[SourcePlan] = None
+    edit: Optional[EditSpec] = None                 # task "edit": the flow edit's target
     src_audio: Optional[np.ndarray] = None          # [2, S] at 48 kHz
     given_src_latents: Optional[np.ndarray] = None  # [T, 64]
     refer_audio: Optional[np.ndarray] = None        # [2, S] at 48 kHz
     metas_fields: tuple = ()                        # (bpm, keyscale, timesignature)
+    loras: tuple[tuple[str, float], ...] = ()       # LoRA blend (lora_id, scale), scale-0 entries dropped
+    adapters: tuple = field(default=(), repr=False)  # the blend's loaded adapters (set while the request runs)
     prepared: bool = False
     src_latents: Optional[Tensor] = field(default=None, repr=False)
     refer_latents: Optional[Tensor] = field(default=None, repr=False)
@@ -77,7 +100,9 @@ class RequestPlan:
     def batch_key(self) -> Hashable:
         """Requests with equal keys can share a denoising batch."""
         timesteps = self.sampling.build().timesteps
-        return (self.sampling.is_turbo, self.sampling.infer_method, timesteps, self.guidance, self.audio_cover_strength)
+        edit_key = None if self.edit is None else (self.edit.n_min, self.edit.n_max)  # edits run their own loop
+        return (self.sampling.is_turbo, self.sampling.infer_method, timesteps, self.guidance, self.audio_cover_strength,
+                edit_key)
 
     def num_frames_for(self, row: RowSpec) -> int:
         """The item's own length in latent frames."""
@@ -95,6 +120,14 @@ class RequestPlan:
         metas = build_metas_dict(bpm, keyscale, timesignature, metas_duration_s(self.duration_s, given_s))
         return ConditioningText(self.instruction, self.text.caption, self.text.lyrics, self.text.vocal_language, metas)
 
+    def target_text_for(self, row: RowSpec) -> ConditioningText:
+        """An edit item's target caption-branch inputs (the source's metas and instruction)."""
+        if self.edit is None:
+            raise InvalidArgument("only task_type 'edit' has a target text", field="task_type")
+        source = self.text_for(row)
+        return ConditioningText(source.instruction, self.edit.target.caption, self.edit.target.lyrics,
+                                source.vocal_language, source.metas)
+
 
 @dataclass(frozen=True)
 class Sources:
@@ -107,18 +140,18 @@ class Sources:
 
 def check_variant(params: GenerationParams, is_turbo: bool, model_name: str) -> None:
     """Task types and step counts the loaded variant supports."""
-    if params.task_type not in TASK_TYPES:
-        raise InvalidArgument(f"task_type must be one of {', '.join(TASK_TYPES)}; got {params.task_type!r}",
+    if params.task_type == "retake":
+        raise InvalidArgument("task_type 'retake' is resolved by the gateway, which sends the source item's own task "
+                              "with mixed noise (SynthesisItem.noise_mix)", field="task_type")
+    if params.task_type not in DIT_TASK_TYPES:
+        raise InvalidArgument(f"task_type must be one of {', '.join(DIT_TASK_TYPES)}; got {params.task_type!r}",
                               field="task_type")
-    if is_turbo and params.task_type not in TASK_TYPES_TURBO:
+    if is_turbo and params.task_type not in DIT_TASK_TYPES_TURBO:
         raise InvalidArgument(
             f"task_type {params.task_type!r} is not supported by the turbo model {model_name} (it supports "
-            f"{', '.join(TASK_TYPES_TURBO)}); use a base model for lego, extract and complete", field="task_type")
+            f"{', '.join(DIT_TASK_TYPES_TURBO)}); use a base model for lego, extract and complete", field="task_type")
     if is_turbo and params.inference_steps > TURBO_MAX_STEPS:
         raise out_of_range("inference_steps", params.inference_steps, 1, TURBO_MAX_STEPS, "steps for turbo models")
-    if params.lora_id:
-        raise InvalidArgument(f"lora_id {params.lora_id!r}: LoRA adapters are not supported by this DiT service",
-                              field="lora_id")
 
 
 def item_codes(params: GenerationParams, per_item: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
@@ -154,12 +187,14 @@ def plan_request(params: GenerationParams, sources: Sources, *, has_codes: bool,
         src_audio=sources.src_audio if source_plan is not None else None,
         given_src_latents=sources.src_latents if source_plan is not None and sources.src_audio is None else None,
         refer_audio=sources.refer_audio, metas_fields=(params.bpm, params.keyscale, params.timesignature),
+        edit=_edit_spec(params, text) if task == "edit" else None,
+        loras=tuple((lora_id, scale) for lora_id, scale in lora_blend(params) if scale > 0),
     )
 
 
 def _source_plan(params: GenerationParams, sources: Sources, task: str, has_codes: bool) -> Optional[SourcePlan]:
     """Source layout for source tasks; None for text2music and for covers of LM codes."""
-    if task not in conditioning.SOURCE_TASKS or has_codes:
+    if task not in conditioning.SOURCE_TASKS or (has_codes and task not in STUDIO_DIT_TASKS):
         return None
     if sources.src_audio is not None:
         num_frames = conditioning.frames_for_samples(sources.src_audio.shape[-1])
@@ -169,7 +204,17 @@ def _source_plan(params: GenerationParams, sources: Sources, task: str, has_code
         if task == "cover":
             return None
         raise InvalidArgument(f"task_type {task!r} requires src_audio", field="src_audio")
+    if task == "extend":
+        return conditioning.plan_extend(num_frames, params.extend_left_seconds, params.extend_right_seconds)
     return conditioning.plan_source(num_frames, task, params.repainting_start, params.repainting_end)
+
+
+def _edit_spec(params: GenerationParams, source: ConditioningText) -> EditSpec:
+    """Remix takes the new caption, only_lyrics keeps the source's; empty target lyrics keep the source's."""
+    caption = extract_caption(params.edit_target_caption) if params.edit_mode == "remix" else source.caption
+    lyrics = params.edit_target_lyrics if params.edit_target_lyrics.strip() else source.lyrics
+    target = ConditioningText(caption=caption, lyrics=lyrics, vocal_language=source.vocal_language)
+    return EditSpec(target=target, n_min=params.edit_n_min, n_max=params.edit_n_max)
 
 
 def _instruction(params: GenerationParams, task: str, has_codes: bool) -> str:
@@ -178,7 +223,7 @@ def _instruction(params: GenerationParams, task: str, has_codes: bool) -> str:
     if custom and custom != DEFAULT_DIT_INSTRUCTION and not has_codes:
         return custom
     classes = list(params.track_classes) or None
-    return task_instruction(task, params.track_name or None, classes)
+    return task_instruction(_INSTRUCTION_TASK.get(task, task), params.track_name or None, classes)
 
 
 def _sampling(params: GenerationParams, is_turbo: bool) -> SamplerSettings:
@@ -192,4 +237,5 @@ def _guidance(params: GenerationParams, is_turbo: bool) -> GuidanceSettings:
     if is_turbo:
         return GuidanceSettings()
     return GuidanceSettings(scale=params.guidance_scale, use_adg=params.use_adg,
-                            interval_start=params.cfg_interval_start, interval_end=params.cfg_interval_end)
+                            interval_start=params.cfg_interval_start, interval_end=params.cfg_interval_end,
+                            cfg_type=params.cfg_type or "apg")

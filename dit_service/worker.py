@@ -37,12 +37,13 @@ class RequestState:
     """One request's rows, output settings and timings (shared by the loop, worker and encoder pool)."""
 
     def __init__(self, request_id: str, plan: RequestPlan, rows: list[RowSpec], audio_format: str,
-                 stream_pcm: bool) -> None:
+                 stream_pcm: bool, return_latents: bool = False) -> None:
         self.request_id = request_id
         self.plan = plan
         self.rows = rows
         self.audio_format = audio_format
         self.stream_pcm = stream_pcm
+        self.return_latents = return_latents
         self.created = time.perf_counter()
         self.num_done = 0
         self._times: dict[str, float] = defaultdict(float)
@@ -140,7 +141,9 @@ class BatchWorker:
                     audio = np.concatenate(pieces[j], axis=-1)  # [2, length]
                     pieces[j] = []
                     metrics.DIT_DECODE_SECONDS.observe(time.perf_counter() - started)
-                    self._encoders.submit(self._finish_item, batch, row.payload, row.item_index, audio)
+                    own = latents[j, : prepared.num_frames[j]].float().cpu().numpy() \
+                        if row.payload.return_latents else None  # [T, 64]
+                    self._encoders.submit(self._finish_item, batch, row.payload, row.item_index, audio, own)
             done = tile.start_sample + tile.audio.shape[-1]
             self._progress(batch, active, live, Progress("decode", min(1.0, done / max(lengths)), message="VAE decode"))
         self._add_time(batch, active, "dit_decode_time", started)
@@ -153,7 +156,8 @@ class BatchWorker:
                              start + index * self.pcm_chunk_samples, data, is_last and index == len(chunks) - 1)
             batch.emit(request_id, event)
 
-    def _finish_item(self, batch: Batch, state: RequestState, item_index: int, audio: np.ndarray) -> None:
+    def _finish_item(self, batch: Batch, state: RequestState, item_index: int, audio: np.ndarray,
+                     latents: np.ndarray | None = None) -> None:
         """Post-process, encode and stream one item's file; the request's last item sends Done."""
         request_id = state.request_id
         if not batch.is_live(request_id):
@@ -172,7 +176,7 @@ class BatchWorker:
                 offset += len(chunk)
             rate, num_samples = self.pipeline.sample_rate_hz, audio.shape[-1]
             batch.emit(request_id, ItemDone(item_index, state.rows[item_index].seed, rate, num_samples,
-                                            num_samples / rate))
+                                            num_samples / rate, latents))
             metrics.DIT_ITEMS.labels("ok").inc()
             state.add_time("dit_encode_time", time.perf_counter() - started)
             if state.item_finished():

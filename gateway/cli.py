@@ -3,12 +3,18 @@
     acestep generate --caption "..." [--lyrics-file F] [--duration S] [--task-type cover --src-audio F]
                      [--batch-size N] [--audio-format flac] [--params p.json] [--config c.json] --out DIR
                      (every GenerationParams / GenerationConfig field has a flag: acestep generate --help)
+    acestep generate ... --lora ID[:SCALE] [--lora ID2:0.5]   (LoRA adapters, blended when repeated)
     acestep generate ... --detach                      (prints the job id)
+    acestep retake JOB_ID [--item N] [--seeds A,B] [--variance V] --out DIR
+    acestep extend (JOB_ID [--item N] | --src-audio F) [--left S] [--right S] --out DIR
+    acestep edit (JOB_ID [--item N] | --src-audio F) [--mode only_lyrics|remix] [--target-caption C]
+                 [--target-lyrics L | --target-lyrics-file F] [--n-min A] [--n-max B] --out DIR
     acestep watch JOB_ID [--out DIR] / acestep get JOB_ID [--out DIR]
     acestep understand (--codes "<|audio_code_1|>..." | --audio F)
     acestep create-sample --query "..."
     acestep format-sample --caption "..." --lyrics-file F
-    acestep serve --checkpoints DIR
+    acestep serve --checkpoints DIR [--studio [--studio-port 7865]]
+    acestep studio [--gateway HOST:PORT] [--port 7865]   (the web page; acestep studio --help)
 """
 
 from __future__ import annotations
@@ -16,12 +22,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from gateway import sdk
+from gateway import sdk, studio_commands
 from shared.pb.acestep.common.v1 import common_pb2
 from shared.types import GenerationConfig, GenerationParams
 
@@ -88,22 +95,26 @@ PARAM_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("music metadata", ("bpm", "keyscale", "timesignature", "vocal_language", "duration")),
     ("generation parameters", ("inference_steps", "guidance_scale", "seed")),
     ("advanced DiT parameters", ("use_adg", "cfg_interval_start", "cfg_interval_end", "shift", "infer_method",
-                                 "timesteps")),
+                                 "timesteps", "cfg_type")),
     ("task-specific parameters", ("task_type", "instruction", "reference_audio", "src_audio", "audio_codes",
                                   "repainting_start", "repainting_end", "audio_cover_strength", "track_name",
                                   "track_classes")),
+    ("studio operations (retake / extend / edit; also: acestep retake, extend, edit)",
+     ("source_request_id", "source_item_index", "retake_seeds", "retake_variance", "extend_left_seconds",
+      "extend_right_seconds", "edit_mode", "edit_target_caption", "edit_target_lyrics", "edit_n_min", "edit_n_max")),
     ("5Hz LM parameters", ("thinking", "lm_temperature", "lm_cfg_scale", "lm_top_k", "lm_top_p",
                            "lm_negative_prompt", "use_cot_metas", "use_cot_caption", "use_cot_language",
                            "use_cot_lyrics", "use_constrained_decoding")),
-    ("LoRA", ("lora_id", "lora_scale")),
+    ("LoRA", ("lora_id", "lora_scale", "loras")),
 )
 CONFIG_GROUP = ("GenerationConfig", ("batch_size", "allow_lm_batch", "use_random_seed", "seeds",
                                      "lm_batch_chunk_size", "constrained_decoding_debug", "audio_format"))
 # Short spellings kept from earlier releases of this CLI.
 ALIASES = {"task_type": ["--task"], "inference_steps": ["--steps"], "guidance_scale": ["--guidance"],
            "vocal_language": ["--language"], "repainting_start": ["--repaint-start"],
-           "repainting_end": ["--repaint-end"], "track_name": ["--track"], "audio_format": ["--format"]}
-LIST_FIELDS = {"timesteps": float, "track_classes": str, "seeds": int}
+           "repainting_end": ["--repaint-end"], "track_name": ["--track"], "audio_format": ["--format"],
+           "loras": ["--lora"]}
+LIST_FIELDS = {"timesteps": float, "track_classes": str, "seeds": int, "retake_seeds": int}
 FIELD_HELP = {
     "caption": "text description of the music (at most 512 characters)",
     "lyrics": "lyrics ('[Instrumental]' for none; --lyrics-file reads them from a file)",
@@ -120,6 +131,15 @@ FIELD_HELP = {
     "track_classes": "comma-separated tracks for task 'complete'",
     "seeds": "comma-separated per-item seeds (fewer than --batch-size: the rest random)",
     "lora_id": "adapter id (default: none)",
+    "cfg_type": "guidance rule of base models: apg, cfg or cfg_star (--use-adg picks ADG)",
+    "source_request_id": "retake/extend/edit: the job whose item is the source",
+    "retake_seeds": "comma-separated retake seeds, one item each",
+    "retake_variance": "0: the source item's noise, 1: the retake seed's",
+    "edit_mode": "only_lyrics (keeps the caption) or remix (edit_target_caption)",
+    "edit_n_min": "edited slice of the trajectory, 0 = data end, 1 = noise end",
+    "edit_n_max": "0 leaves the source unchanged",
+    "lora_scale": "weight of the lora_id adapter, 0-1",
+    "loras": "adapter to apply, ID or ID:SCALE (scale 0-1, default 1); repeat to blend several",
 }
 
 
@@ -130,6 +150,10 @@ def _add_field(group, name: str, default: Any) -> None:
         group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None,
                            help=f"{help_text} (default: {default})".strip())
         return
+    if name == "loras":
+        group.add_argument(*flags, dest=name, action="append", type=_lora_weight, default=None,
+                           metavar="ID[:SCALE]", help=help_text)
+        return
     if name in LIST_FIELDS:
         cast = LIST_FIELDS[name]
         group.add_argument(*flags, dest=name, default=None, metavar="A,B,...",
@@ -139,6 +163,15 @@ def _add_field(group, name: str, default: Any) -> None:
     cast = type(default) if default is not None else (int if name == "bpm" else str)
     group.add_argument(*flags, dest=name, type=cast, default=None,
                        help=f"{help_text} (default: {default!r})".strip())
+
+
+def _lora_weight(text: str) -> tuple[str, float]:
+    """``ID`` or ``ID:SCALE`` -> ``(ID, SCALE)`` (scale 1 when omitted)."""
+    lora_id, _, scale = text.rpartition(":") if ":" in text else (text, "", "1")
+    try:
+        return lora_id, float(scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lora takes ID or ID:SCALE, got {text!r}") from None
 
 
 def _read_json(path: Optional[str], what: str) -> dict[str, Any]:
@@ -268,11 +301,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stack = LocalStack(Path(args.checkpoints), lm_model=args.lm_model, dit_model=args.dit_model,
                        num_dit=args.num_dit, with_lm=not args.no_lm, device=args.device,
                        gateway_args=["--port", str(args.port)] if args.port else [],
+                       with_http=not args.no_http, http_args=["--port", str(args.http_port)],
                        drain_grace_s=args.drain_grace_s, stop_grace_s=args.stop_grace_s, **workdir)
     with stack.stop_on_signals():
         try:
             address = stack.start()
             print(f"gateway serving on {address} (logs in {stack.workdir}); Ctrl-C to stop", flush=True)
+            if not args.no_http:
+                print(f"HTTP API on {stack.http_url} (OpenAPI document: {stack.http_url}/docs)", flush=True)
+            if args.studio:
+                print(f"studio on {_start_studio(stack, args)}", flush=True)
             exited = stack.wait_for_exit()
             print(f"{exited.name} exited with {exited.process.returncode}; stopping the stack", file=sys.stderr,
                   flush=True)
@@ -283,6 +321,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 0
         finally:
             stack.stop()
+
+
+def _start_studio(stack: Any, args: argparse.Namespace) -> str:
+    """The studio as one more service of the stack (stopped with it); returns its URL."""
+    studio = stack._spawn("studio", "studio", ["--gateway", stack.services["gateway"].address,
+                                               "--host", args.studio_host, "--port", str(args.studio_port)])
+    studio.wait_port(120.0, stack.check_stop)
+    return f"http://{args.studio_host}:{studio.port}"
 
 
 def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
@@ -327,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="acestep", description="ACE-Step serving stack client")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    studio_commands.add_parsers(sub, _add_connection_flags, _follow, _client)
     for name, func, text in (("watch", cmd_watch, "follow a job (progress bars) and save its files"),
                              ("get", cmd_get, "wait for a job and save its files")):
         p = sub.add_parser(name, help=text)
@@ -357,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON file with the values to keep (bpm, duration, keyscale, timesignature, language)")
     _add_sampling_flags(p)
     p.set_defaults(func=cmd_format_sample)
-    p = sub.add_parser("serve", help="start LM, DiT and gateway locally")
+    p = sub.add_parser("serve", help="start LM, DiT, gateway and the HTTP API locally")
     p.add_argument("--checkpoints", required=True)
     p.add_argument("--lm-model", default=None)
     p.add_argument("--dit-model", default=None)
@@ -365,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-lm", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--port", type=int, default=50050, help="gateway port (0: any free port)")
+    p.add_argument("--http-port", type=int, default=8001, help="HTTP API port (0: any free port)")
+    p.add_argument("--no-http", action="store_true", help="no HTTP API, gRPC only")
+    p.add_argument("--studio", action="store_true", help="also the studio web page (acestep studio)")
+    p.add_argument("--studio-port", type=int, default=7865, help="studio port (0: any free port)")
+    p.add_argument("--studio-host", default="127.0.0.1", help="studio listen address (0.0.0.0: other machines)")
     p.add_argument("--workdir", default=None, help="folder of the services' logs and port files "
                                                   "(default: a new temporary folder)")
     p.add_argument("--drain-grace-s", type=float, default=5.0,
@@ -373,11 +425,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM/SIGINT: how long to wait for the services before SIGKILL of their "
                         "process groups (a second signal does not wait)")
     p.set_defaults(func=cmd_serve)
+    # The studio parses its own flags (acestep studio --help); see main().
+    p = sub.add_parser("studio", add_help=False, help="the web page on port 7865, a client of the gateway")
+    p.set_defaults(func=cmd_studio, studio_args=[])
     return parser
 
 
+def cmd_studio(args: argparse.Namespace) -> int:
+    """The studio is its own program (``python -m studio``): this process becomes it."""
+    os.execv(sys.executable, [sys.executable, "-m", "studio", *args.studio_args])
+    return 1  # not reached
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "studio":
+        args.studio_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.func(args)
 
 

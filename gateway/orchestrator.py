@@ -16,7 +16,8 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 import grpc
 
-from gateway import planning
+from gateway import planning, studio_ops
+from gateway.lora_relay import LoraRelay
 from gateway.upstream_errors import RETRYABLE, from_upstream
 from gateway.upstream import ReplicaPool
 from shared import convert, metrics
@@ -28,7 +29,7 @@ from shared.pb.acestep.gateway.v1 import gateway_pb2 as gw
 from shared.pb.acestep.lm.v1 import lm_pb2
 from shared.telemetry import StageSpans
 from shared.types import GenerationParams
-from shared.validation import validate_generation
+from shared.validation import STUDIO_TASK_TYPES, lora_blend, validate_generation
 
 log = logging.getLogger(__name__)
 Deadline = Callable[[], Optional[float]]
@@ -41,6 +42,7 @@ class GatewayLimits:
     max_queued: int = 64
     max_audio_bytes: int = 256 * 1024 * 1024
     max_attempts: int = 3
+    max_lora_bytes: int = 1024 * 1024 * 1024  # an uploaded adapter_model.safetensors
 
 
 def check_uploads(params: common_pb2.GenerationParams, limit: int) -> None:
@@ -117,6 +119,8 @@ class Orchestrator:
     def __init__(self, lm: Optional[ReplicaPool], dit: ReplicaPool, limits: GatewayLimits) -> None:
         self.lm = BackendCaller(lm, "lm", limits.max_attempts) if lm is not None else None
         self.dit = BackendCaller(dit, "dit", limits.max_attempts)
+        self.loras = LoraRelay(self.dit, limits.max_lora_bytes)
+        self.sources: Optional[studio_ops.JobSources] = None  # finished items for retake/extend/edit (servicer)
         self.limits = limits
         self.admission = Admission("gateway", limits.max_active, limits.max_queued, AdmissionMetrics(
             active=metrics.GATEWAY_ACTIVE_REQUESTS, queued=metrics.GATEWAY_QUEUED_REQUESTS,
@@ -127,9 +131,15 @@ class Orchestrator:
         params = convert.params_from_pb(request.params)
         config = convert.config_from_pb(request.config)
         validate_generation(params, config)
+        blend = lora_blend(params)
+        if blend:  # an unknown adapter is refused here, before the LM runs for the request
+            await self.loras.check_known([lora_id for lora_id, _ in blend], deadline)
         if len(request.request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidArgument(f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters, "
                                   f"got {len(request.request_id)}", field="request_id")
+        studio = None
+        if params.task_type in STUDIO_TASK_TYPES:  # resolved against its source item before the job exists
+            studio = await studio_ops.resolve(params, config, self.sources, request.params.HasField("src_audio"))
         self.admission.check_capacity()
         request_id = request.request_id or uuid.uuid4().hex
         yield gw.GenerateEvent(accepted=gw.Accepted(request_id=request_id,
@@ -138,7 +148,7 @@ class Orchestrator:
         spans.enter("admission")
         try:
             async with self.admission.slot():
-                run = _GenerateRun(self, request_id, params, config, request, deadline)
+                run = _GenerateRun(self, request_id, params, config, request, deadline, studio)
                 async for event in run.events():
                     spans.enter(_span_stage(event))
                     yield event
@@ -149,8 +159,10 @@ class Orchestrator:
 class _GenerateRun:
     """State of one generate request while it flows through the stages."""
 
-    def __init__(self, owner: Orchestrator, request_id: str, params: GenerationParams, config, request, deadline):
+    def __init__(self, owner: Orchestrator, request_id: str, params: GenerationParams, config, request, deadline,
+                 studio: Optional[studio_ops.StudioPlan] = None):
         self.owner = owner
+        self.studio = studio
         self.request_id = request_id
         self.params = params
         self.config = config
@@ -165,6 +177,8 @@ class _GenerateRun:
     async def events(self) -> AsyncIterator[gw.GenerateEvent]:
         start = time.perf_counter()
         decision = planning.decide_lm(self.params, self.owner.lm is not None)
+        if self.studio is not None:
+            self.params = self.studio.params
         if decision.use_lm:
             async for event in self._plan(decision):
                 yield event
@@ -207,6 +221,8 @@ class _GenerateRun:
         yield gw.GenerateEvent(lm_result=gw.LmResult(metadata=metadata, codes=codes, cot_text=cot_text))
 
     def _synthesize_request(self) -> dit_pb2.SynthesizeRequest:
+        if self.studio is not None:
+            return self.studio.synthesize_request(self.request_id, self.request)
         items = []
         for index, seed in enumerate(self.seeds):
             items.append(dit_pb2.SynthesisItem(seed=seed, audio_codes=self.codes.get(index, [])))
@@ -251,7 +267,10 @@ class _GenerateRun:
         return None
 
     def _audio_item(self, done: dit_pb2.ItemDone) -> gw.AudioItem:
-        params = planning.item_params(self.params, done.seed, self.codes.get(done.item_index))
+        if self.studio is not None:
+            params = self.studio.item_params[done.item_index]
+        else:
+            params = planning.item_params(self.params, done.seed, self.codes.get(done.item_index))
         return gw.AudioItem(
             item_index=done.item_index, key=planning.item_key(params), seed=done.seed,
             sample_rate_hz=done.sample_rate_hz, num_samples=done.num_samples, duration_s=done.duration_s,

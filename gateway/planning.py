@@ -17,7 +17,7 @@ from shared.audio_codes import format_codes
 from shared.constants import CAPTION_MAX_CHARS
 from shared.types import GenerationConfig, GenerationParams, MusicMetadata
 from shared.lyrics import duration_from_lyrics
-from shared.validation import clip_text
+from shared.validation import STUDIO_TASK_TYPES, clip_text
 
 INSTRUMENTAL_LYRICS = "[Instrumental]"
 
@@ -43,6 +43,8 @@ def decide_lm(params: GenerationParams, lm_available: bool) -> LmDecision:
     structure of these tasks from the source audio, so LM codes would go unused."""
     if params.task_type == "repaint":
         return LmDecision(False, False, "task_type repaint takes its structure from src_audio")
+    if params.task_type in STUDIO_TASK_TYPES:
+        return LmDecision(False, False, f"task_type {params.task_type} reuses its source item or audio")
     wants_lm = params.thinking or params.use_cot_metas or params.use_cot_caption or params.use_cot_language
     if not wants_lm:
         return LmDecision(False, False, "thinking and every use_cot_* flag are off")

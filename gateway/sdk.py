@@ -5,7 +5,9 @@
 :class:`AceStepClient` in place of the two handlers. Failures come back as ``success=False`` with
 ``error`` set. :func:`stream_generate` yields the raw events for frontends (asyncio). Every
 generation is a job on the gateway: :func:`submit` starts one and returns its id, :func:`watch`
-follows it (resumable by sequence number) and :func:`get_result` collects it.
+follows it (resumable by sequence number) and :func:`get_result` collects it. LoRA adapters:
+:func:`upload_lora`, :func:`list_loras`, :func:`delete_lora`; a request selects them with
+``params.lora_id``/``lora_scale`` and blends more with ``params.loras``.
 """
 
 from __future__ import annotations
@@ -293,8 +295,103 @@ def format_sample(client: AceStepClient, caption: str, lyrics: str,
     return _call_lm(client, "FormatSample", request, FormatSampleResult)
 
 
+LORA_CHUNK_BYTES = 1024 * 1024
+
+
+def _lora_dict(info: common_pb2.LoraInfo) -> dict[str, Any]:
+    return {"lora_id": info.lora_id, "rank": info.rank, "alpha": info.alpha, "targets": list(info.targets),
+            "num_modules": info.num_modules, "size_bytes": info.size_bytes, "loaded_on": list(info.loaded_on)}
+
+
+def upload_lora(client: AceStepClient, lora_id: str, folder: Any) -> dict[str, Any]:
+    """Upload a PEFT LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``, as the
+    reference trainer saves it) under ``lora_id``; returns its info (``grpc.RpcError`` when refused,
+    e.g. INVALID_ARGUMENT naming the adapter key that does not fit the model)."""
+    folder = Path(os.fspath(folder)).expanduser()
+    config = (folder / "adapter_config.json").read_text(encoding="utf-8")
+    weights = (folder / "adapter_model.safetensors").read_bytes()
+    header = common_pb2.LoraUploadHeader(lora_id=lora_id, adapter_config_json=config, total_bytes=len(weights))
+
+    def messages() -> Iterator[common_pb2.UploadLoraRequest]:
+        yield common_pb2.UploadLoraRequest(header=header)
+        for start in range(0, len(weights), LORA_CHUNK_BYTES):
+            yield common_pb2.UploadLoraRequest(chunk=weights[start:start + LORA_CHUNK_BYTES])
+
+    reply = client.stub().UploadLora(messages(), timeout=client.timeout_s, metadata=client.metadata())
+    return {**_lora_dict(reply.lora), "already_present": reply.already_present}
+
+
+def list_loras(client: AceStepClient, lora_ids: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The adapters the DiT replicas know (only ``lora_ids`` when given), with where they are loaded."""
+    reply = client.stub().ListLoras(common_pb2.ListLorasRequest(lora_ids=list(lora_ids)), timeout=client.timeout_s,
+                                    metadata=client.metadata())
+    return [_lora_dict(info) for info in reply.loras]
+
+
+def delete_lora(client: AceStepClient, lora_id: str) -> None:
+    """Delete an adapter from every DiT replica (``grpc.RpcError`` NOT_FOUND when none had it)."""
+    client.stub().DeleteLora(common_pb2.DeleteLoraRequest(lora_id=lora_id), timeout=client.timeout_s,
+                             metadata=client.metadata())
+
+
+# Studio operations (docs/studio.md). A ``source`` is a finished item of yours, ``(request_id,
+# item_index)``, or audio: a client-side path or the file's bytes. Each returns what generate_music does.
+Source = Any
+
+
+def _source_fields(source: Source) -> dict[str, Any]:
+    if isinstance(source, tuple):
+        request_id, item_index = source
+        return {"source_request_id": request_id, "source_item_index": int(item_index)}
+    return {"src_audio": source}  # a path is read when the request is built
+
+
+def retake(client: AceStepClient, request_id: str, item_index: int = 0, retake_seeds: Any = None,
+           retake_variance: float = 0.5, save_dir: Optional[str] = None, audio_format: str = "flac",
+           progress: Optional[ProgressFn] = None, on_event: Optional[Callable[[gw.GenerateEvent], None]] = None,
+           src_audio: Any = None, reference_audio: Any = None) -> GenerationResult:
+    """Item ``item_index`` of job ``request_id`` again, one item per retake seed (None: one random seed):
+    its noise mixed with each seed's by ``retake_variance`` (0: the same item, 1: a new seed), all
+    else the original's. An item made from an upload needs that ``src_audio`` again."""
+    seeds = [retake_seeds] if isinstance(retake_seeds, int) else list(retake_seeds or [-1])
+    params = GenerationParams(task_type="retake", source_request_id=request_id, source_item_index=item_index,
+                              retake_seeds=seeds, retake_variance=retake_variance, src_audio=src_audio,
+                              reference_audio=reference_audio)
+    config = GenerationConfig(batch_size=len(seeds), audio_format=audio_format)
+    return generate_music(client, params, config, save_dir=save_dir, progress=progress, on_event=on_event)
+
+
+def extend(client: AceStepClient, source: Source, left_seconds: float = 0.0, right_seconds: float = 0.0,
+           params: Optional[GenerationParams] = None, config: Optional[GenerationConfig] = None,
+           save_dir: Optional[str] = None, progress: Optional[ProgressFn] = None,
+           on_event: Optional[Callable[[gw.GenerateEvent], None]] = None) -> GenerationResult:
+    """``left_seconds`` of new music before ``source`` and ``right_seconds`` after it, in one pass; the
+    source in between is kept. ``params`` may set the caption, lyrics and sampler (a finished item's
+    caption, lyrics and metadata are used for those left unset)."""
+    params = dataclasses.replace(params or GenerationParams(), task_type="extend", extend_left_seconds=left_seconds,
+                                 extend_right_seconds=right_seconds, **_source_fields(source))
+    return generate_music(client, params, config or GenerationConfig(batch_size=1), save_dir=save_dir,
+                          progress=progress, on_event=on_event)
+
+
+def edit(client: AceStepClient, source: Source, mode: str = "only_lyrics", target_caption: str = "",
+         target_lyrics: str = "", n_min: float = 0.0, n_max: float = 1.0, params: Optional[GenerationParams] = None,
+         config: Optional[GenerationConfig] = None, save_dir: Optional[str] = None,
+         progress: Optional[ProgressFn] = None,
+         on_event: Optional[Callable[[gw.GenerateEvent], None]] = None) -> GenerationResult:
+    """``source`` with new lyrics (``only_lyrics``) or a new caption (``remix``), by a flow-matching edit
+    over the slice ``[n_min, n_max]`` of the trajectory (0 = the data end; ``n_max = 0`` changes
+    nothing). ``params.caption``/``lyrics`` describe the source (a finished item's are used when unset)."""
+    params = dataclasses.replace(params or GenerationParams(), task_type="edit", edit_mode=mode,
+                                 edit_target_caption=target_caption, edit_target_lyrics=target_lyrics,
+                                 edit_n_min=n_min, edit_n_max=n_max, **_source_fields(source))
+    return generate_music(client, params, config or GenerationConfig(batch_size=1), save_dir=save_dir,
+                          progress=progress, on_event=on_event)
+
+
 __all__ = [
     "AceStepClient", "GenerationParams", "GenerationConfig", "GenerationResult", "UnderstandResult",
     "CreateSampleResult", "FormatSampleResult", "generate_music", "stream_generate", "understand_music",
-    "create_sample", "format_sample", "submit", "watch", "get_result",
+    "create_sample", "format_sample", "submit", "watch", "get_result", "upload_lora", "list_loras", "delete_lora",
+    "retake", "extend", "edit",
 ]

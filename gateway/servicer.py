@@ -9,8 +9,11 @@ import grpc
 from gateway.jobs.runner import END_OF_STREAM, JobRunner, caller_of, job_to_pb
 from gateway.orchestrator import Orchestrator
 from gateway.passthrough import LmPassthrough
+from gateway.studio_ops import JobSources
 from shared import errors
-from shared.errors import Internal, InvalidArgument, NotFound
+from shared.errors import AceStepError, Internal, InvalidArgument, NotFound
+from shared.grpc_server import abort_with
+from shared.pb.acestep.common.v1 import common_pb2
 from shared.pb.acestep.gateway.v1 import gateway_pb2 as gw
 from shared.pb.acestep.gateway.v1 import gateway_pb2_grpc
 
@@ -45,9 +48,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.orchestrator = orchestrator
         self.passthrough = passthrough
         self.jobs = jobs
+        self.sources = orchestrator.sources = JobSources(jobs.store)  # retake/extend/edit read finished items
 
     async def Generate(self, request: gw.GenerateRequest, context) -> AsyncIterator[gw.GenerateEvent]:
         caller = caller_of(context.invocation_metadata())
+        await self.sources.check_owner(request.params, caller)
         accepted, queue = await self.jobs.start_job(request, caller, subscribe=True)
         request_id = accepted.accepted.request_id
         try:
@@ -62,7 +67,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             self.jobs.leave(request_id, queue)
 
     async def Submit(self, request: gw.GenerateRequest, context) -> gw.SubmitResponse:
-        accepted, _ = await self.jobs.start_job(request, caller_of(context.invocation_metadata()))
+        caller = caller_of(context.invocation_metadata())
+        await self.sources.check_owner(request.params, caller)
+        accepted, _ = await self.jobs.start_job(request, caller)
         return gw.SubmitResponse(request_id=accepted.accepted.request_id,
                                  queue_position=accepted.accepted.queue_position)
 
@@ -110,3 +117,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     async def FormatSample(self, request: gw.FormatSampleRequest, context) -> gw.FormatSampleResponse:
         return await self.passthrough.format_sample(request, _deadline(context))
+
+    async def UploadLora(self, request_iterator, context) -> common_pb2.UploadLoraResponse:
+        try:  # client-streaming calls are not wrapped by the error interceptor: map typed errors here
+            return await self.orchestrator.loras.upload(aiter(request_iterator), _deadline(context))
+        except AceStepError as error:
+            await abort_with(context, error)
+
+    async def ListLoras(self, request: common_pb2.ListLorasRequest, context) -> common_pb2.ListLorasResponse:
+        return await self.orchestrator.loras.list(request, _deadline(context))
+
+    async def DeleteLora(self, request: common_pb2.DeleteLoraRequest, context) -> common_pb2.DeleteLoraResponse:
+        return await self.orchestrator.loras.delete(request, _deadline(context))

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import socket
 import sys
+from pathlib import Path
 from typing import Optional
 
 import uvicorn
@@ -22,6 +23,8 @@ log = logging.getLogger("http")
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="acestep-http", description=__doc__)
     parser.add_argument("--gateway", default=env_default("gateway", "127.0.0.1:50050"), help="gateway host:port")
+    parser.add_argument("--gateway-tls-ca", default=env_default("gateway_tls_ca", ""),
+                        help="PEM file of the CA that signed the gateway's certificate (TLS); empty: plaintext")
     parser.add_argument("--host", default=env_default("http_host", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=env_default("http_port", 8001, int),
                         help="8001 is the port of ACE-Step's own REST server (0: the OS picks)")
@@ -45,8 +48,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def settings_from_args(args: argparse.Namespace) -> HttpSettings:
     origins = tuple(o.strip() for o in args.cors_origins.split(",") if o.strip())
+    gateway_ca = Path(args.gateway_tls_ca).read_bytes() if args.gateway_tls_ca else None
     return HttpSettings(gateway=args.gateway, cors_origins=origins, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                        heartbeat_s=args.heartbeat_s, public_url=args.public_url.rstrip("/"))
+                        heartbeat_s=args.heartbeat_s, public_url=args.public_url.rstrip("/"), gateway_ca=gateway_ca)
 
 
 async def serve(args: argparse.Namespace) -> None:

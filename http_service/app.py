@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -28,6 +30,7 @@ class HttpSettings:
     max_body_bytes: int = 64 * 1024 * 1024      # whole request body, uploads included
     heartbeat_s: float = 15.0                   # SSE comment while a job is silent
     public_url: str = ""                        # base of absolute file URLs; empty: relative URLs
+    gateway_ca: Optional[bytes] = None          # PEM root certificates: TLS to the gateway; None: plaintext
     extra: dict = field(default_factory=dict)
 
 
@@ -53,7 +56,7 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise _BodyTooLarge()
+                raise _BodyTooLarge(self.limit)
             return message
 
         try:
@@ -62,13 +65,23 @@ class BodyLimit:
             await _too_large(self.limit)(scope, receive, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised while a route reads the body; an HTTP error, so that the app's handlers answer it
+    (FastAPI re-raises HTTP errors met while parsing a body, where other errors become a 400)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, detail={"code": "PAYLOAD_TOO_LARGE", "field": "body",
+                                      "message": f"request body larger than the limit of {limit} bytes"})
 
 
 def _too_large(limit: int) -> JSONResponse:
     return JSONResponse(status_code=413, content=error_body(
         413, "PAYLOAD_TOO_LARGE", f"request body larger than the limit of {limit} bytes", "body"))
+
+
+# Code names of the HTTP errors Starlette raises itself (unknown route, wrong method, bad multipart).
+_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE",
+          415: "UNSUPPORTED_MEDIA_TYPE"}
 
 
 def error_body(status: int, code: str, message: str, field: str = "") -> dict:
@@ -84,7 +97,7 @@ def _describe_validation(error: RequestValidationError) -> tuple[str, str]:
 
 
 def create_app(settings: HttpSettings) -> FastAPI:
-    link = GatewayLink(settings.gateway)
+    link = GatewayLink(settings.gateway, root_certificates=settings.gateway_ca)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -100,14 +113,16 @@ def create_app(settings: HttpSettings) -> FastAPI:
 
     app.include_router(native.router(settings))
     app.include_router(compat.router(settings))
+    _document_schemas(app, native.schemas())
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         if compat.is_compat_path(request.url.path):
             return compat.error_response(error.status_code, _detail_message(error.detail))
         detail = error.detail if isinstance(error.detail, dict) else {"message": str(error.detail)}
+        default_code = _CODES.get(error.status_code, "HTTP_ERROR")
         return JSONResponse(status_code=error.status_code, headers=getattr(error, "headers", None),
-                            content=error_body(error.status_code, detail.get("code", "HTTP_ERROR"),
+                            content=error_body(error.status_code, detail.get("code", default_code),
                                                detail.get("message", ""), detail.get("field", "")))
 
     @app.exception_handler(RequestValidationError)
@@ -130,3 +145,21 @@ def _detail_message(detail: object) -> str:
         message = str(detail.get("message", ""))
         return f"{message} (field: {field_name})" if field_name and field_name not in message else message
     return str(detail)
+
+
+def _document_schemas(app: FastAPI, models: list[type[BaseModel]]) -> None:
+    """Add request body models that routes reference by ``$ref`` (routes that read their body
+    themselves, to take JSON or multipart) to the OpenAPI components."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            _, definitions = models_json_schema([(m, "validation") for m in models],
+                                                ref_template="#/components/schemas/{model}")
+            known = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name, definition in definitions.get("$defs", {}).items():
+                known.setdefault(name, definition)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -70,7 +70,8 @@ def audio_to_pb(source: Optional[t.AudioSource], field: str) -> Optional[pb.Audi
 
 def params_to_pb(params: t.GenerationParams) -> pb.GenerationParams:
     message = pb.GenerationParams()
-    _copy_plain(params, message, skip=(*_AUDIO_FIELDS, "timesteps"))
+    _copy_plain(params, message, skip=(*_AUDIO_FIELDS, "timesteps", "loras"))
+    message.loras.extend(_lora_weight(entry) for entry in params.loras)
     for name in _AUDIO_FIELDS:
         audio = audio_to_pb(getattr(params, name), name)
         if audio is not None:
@@ -81,12 +82,23 @@ def params_to_pb(params: t.GenerationParams) -> pb.GenerationParams:
 
 
 def params_from_pb(message: pb.GenerationParams) -> t.GenerationParams:
-    values = _read_plain(message, t.GenerationParams, skip=(*_AUDIO_FIELDS, "timesteps"))
+    values = _read_plain(message, t.GenerationParams, skip=(*_AUDIO_FIELDS, "timesteps", "loras"))
+    values["loras"] = [(weight.lora_id, weight.scale) for weight in message.loras]
     for name in _AUDIO_FIELDS:
         values[name] = getattr(message, name).data if _has(message, name) else None
     values["timesteps"] = list(message.timesteps.values) if _has(message, "timesteps") else None
     values["lora_id"] = values["lora_id"] or None  # the SDK's None is the protobuf's ""
     return t.GenerationParams(**values)
+
+
+def _lora_weight(entry: Any) -> pb.LoraWeight:
+    """One blend entry, ``(lora_id, scale)`` (a JSON file gives it as a two-element list)."""
+    if isinstance(entry, (str, bytes)) or not hasattr(entry, "__len__") or len(entry) != 2:
+        raise InvalidArgument(f"loras entries must be (lora_id, scale) pairs, got {entry!r}", field="loras")
+    lora_id, scale = entry
+    if not isinstance(lora_id, str) or isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise InvalidArgument(f"loras entries must be (lora_id, scale) pairs, got {entry!r}", field="loras")
+    return pb.LoraWeight(lora_id=lora_id, scale=float(scale))
 
 
 def config_to_pb(config: t.GenerationConfig) -> pb.GenerationConfig:

@@ -66,6 +66,23 @@ class GenerationParams:
     lora_scale: float = 1.0
     track_name: str = ""
     track_classes: list[str] = field(default_factory=list)
+    # LoRA blend: (lora_id, scale) pairs applied together with lora_id/lora_scale (which come first).
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    # Studio operations (task_type "retake", "extend", "edit"; docs/studio.md). The source is a
+    # finished item of the caller's (source_request_id, source_item_index) or, for extend and
+    # edit, the src_audio upload.
+    source_request_id: str = ""
+    source_item_index: int = 0
+    retake_seeds: list[int] = field(default_factory=list)  # one item per seed; -1: random
+    retake_variance: float = 0.5
+    extend_left_seconds: float = 0.0
+    extend_right_seconds: float = 0.0
+    edit_mode: str = "only_lyrics"  # or "remix"
+    edit_target_caption: str = ""
+    edit_target_lyrics: str = ""
+    edit_n_min: float = 0.0
+    edit_n_max: float = 1.0
+    cfg_type: str = "apg"  # base models' guidance rule: apg, cfg or cfg_star (use_adg picks ADG)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Iterable, Optional
 
 from shared import constants as c
@@ -24,7 +25,18 @@ from shared.types import (
 
 MAX_SEED = 2**32 - 1
 MAX_TEXT_CHARS = 512
+# LoRA: the seed API documents lora_scale in [0.0, 1.0]; ids are folder names, never paths.
+LORA_SCALE_MIN, LORA_SCALE_MAX = 0.0, 1.0
+LORA_ID_MAX_CHARS = 128
+LORA_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MAX_LORAS_PER_REQUEST = 8
 SOURCE_TASKS = ("cover", "repaint", "lego", "extract", "complete")
+# Studio operations (docs/studio.md): the gateway resolves them against a source item or upload.
+STUDIO_TASK_TYPES = ("retake", "extend", "edit")
+ALL_TASK_TYPES = (*c.TASK_TYPES, *STUDIO_TASK_TYPES)
+EDIT_MODES = ("only_lyrics", "remix")
+CFG_TYPES = ("apg", "cfg", "cfg_star")
+REQUEST_ID_MAX_CHARS = 128
 
 # field -> (low, high, unit); inclusive ranges checked when the value is numeric.
 _PARAM_RANGES: dict[str, tuple[float, float, str]] = {
@@ -39,7 +51,7 @@ _PARAM_RANGES: dict[str, tuple[float, float, str]] = {
     "lm_cfg_scale": (1.0, 10.0, ""),
     "lm_top_k": (0, 1000, ""),
     "lm_top_p": (0.0, 1.0, ""),
-    "lora_scale": (0.0, 4.0, ""),
+    "lora_scale": (LORA_SCALE_MIN, LORA_SCALE_MAX, ""),
     "seed": (-1, MAX_SEED, ""),
 }
 _TEXT_LIMITS = {
@@ -57,6 +69,45 @@ def check_range(field: str, value: float, low: float, high: float, unit: str = "
         raise InvalidArgument(f"{field} must be a number, got {value!r}", field=field)
     if math.isnan(value) or not low <= value <= high:
         raise out_of_range(field, value, low, high, unit)
+
+
+def check_lora_id(field: str, value: str) -> None:
+    """An adapter id: a folder name of letters, digits, ``.``, ``_`` and ``-`` (never a path)."""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{field} must be a string, got {type(value).__name__}", field=field)
+    if len(value) > LORA_ID_MAX_CHARS:
+        raise InvalidArgument(f"{field} must be at most {LORA_ID_MAX_CHARS} characters, got {len(value)}",
+                              field=field)
+    if not LORA_ID_PATTERN.fullmatch(value):
+        raise InvalidArgument(f"{field} must start with a letter or digit and hold only letters, digits, '.', "
+                              f"'_' and '-'; got {value!r}", field=field)
+
+
+def lora_blend(params: GenerationParams) -> list[tuple[str, float]]:
+    """The request's adapters as ``(lora_id, scale)`` pairs: ``lora_id``/``lora_scale`` first (when
+    set), then ``loras``. Checks ids, scales in [0, 1], no id twice, at most 8 adapters."""
+    blend: list[tuple[str, float]] = []
+    if params.lora_id:
+        check_lora_id("lora_id", params.lora_id)
+        check_range("lora_scale", params.lora_scale, LORA_SCALE_MIN, LORA_SCALE_MAX)
+        blend.append((params.lora_id, float(params.lora_scale)))
+    for index, entry in enumerate(params.loras or []):
+        if isinstance(entry, (str, bytes)) or not isinstance(entry, (tuple, list)) or len(entry) != 2:
+            raise InvalidArgument(f"loras[{index}] must be a (lora_id, scale) pair, got {entry!r}", field="loras")
+        lora_id, scale = entry
+        check_lora_id(f"loras[{index}].lora_id", lora_id)
+        check_range(f"loras[{index}].scale", scale, LORA_SCALE_MIN, LORA_SCALE_MAX)
+        blend.append((lora_id, float(scale)))
+    seen: set[str] = set()
+    for lora_id, _ in blend:
+        if lora_id in seen:
+            raise InvalidArgument(f"loras: adapter {lora_id!r} is named twice (lora_id and loras together)",
+                                  field="loras")
+        seen.add(lora_id)
+    if len(blend) > MAX_LORAS_PER_REQUEST:
+        raise InvalidArgument(f"a request may blend at most {MAX_LORAS_PER_REQUEST} adapters, got {len(blend)}",
+                              field="loras")
+    return blend
 
 
 def check_text(field: str, value: str, max_chars: int) -> None:
@@ -179,16 +230,67 @@ def check_task_requirements(params: GenerationParams) -> None:
         field = "track_classes" if task == "complete" else "track_name"
         raise InvalidArgument(f"task_type {task!r} needs the track: set {field} (one of "
                               f"{', '.join(c.TRACK_NAMES)}) or name it in the instruction", field=field)
+    check_studio_requirements(params)
 
 
 def check_task_inputs(params: GenerationParams) -> None:
-    """Tasks that transform audio need the source audio (cover may use audio codes instead)."""
+    """Tasks that transform audio need the source audio (cover may use audio codes instead; extend
+    and edit may name a finished item instead)."""
     task = params.task_type
+    if task in ("extend", "edit") and not params.src_audio and not params.source_request_id:
+        raise InvalidArgument(f"task_type {task!r} needs a source: src_audio or source_request_id (a finished "
+                              "item of yours)", field="src_audio")
     if task not in SOURCE_TASKS or params.src_audio:
         return
     if task == "cover" and params.audio_codes.strip():
         return
     raise InvalidArgument(f"task_type {task!r} requires src_audio", field="src_audio")
+
+
+def check_studio_fields(params: GenerationParams) -> None:
+    """The studio operations' fields: ranges, choices, and no field of one operation on another task."""
+    cfg_type = params.cfg_type or "apg"
+    check_choice("cfg_type", cfg_type, CFG_TYPES)
+    if params.use_adg and cfg_type != "apg":
+        raise InvalidArgument(f"use_adg and cfg_type {cfg_type!r} both choose the guidance rule; set only one",
+                              field="cfg_type")
+    check_choice("edit_mode", params.edit_mode or "only_lyrics", EDIT_MODES)
+    check_text("source_request_id", params.source_request_id, REQUEST_ID_MAX_CHARS)
+    check_text("edit_target_caption", params.edit_target_caption, c.CAPTION_MAX_CHARS)
+    check_text("edit_target_lyrics", params.edit_target_lyrics, c.LYRICS_MAX_CHARS)
+    check_range("source_item_index", params.source_item_index, 0, c.BATCH_SIZE_MAX - 1)
+    check_range("retake_variance", params.retake_variance, 0.0, 1.0)
+    check_range("extend_left_seconds", params.extend_left_seconds, 0.0, c.DURATION_MAX_S, "seconds")
+    check_range("extend_right_seconds", params.extend_right_seconds, 0.0, c.DURATION_MAX_S, "seconds")
+    check_range("edit_n_min", params.edit_n_min, 0.0, 1.0)
+    check_range("edit_n_max", params.edit_n_max, 0.0, 1.0)
+    if params.edit_n_min > params.edit_n_max:
+        raise InvalidArgument(f"edit_n_min ({params.edit_n_min}) must not exceed edit_n_max ({params.edit_n_max})",
+                              field="edit_n_min")
+    if len(params.retake_seeds) > c.BATCH_SIZE_MAX:
+        raise InvalidArgument(f"retake_seeds must hold at most {c.BATCH_SIZE_MAX} values, got "
+                              f"{len(params.retake_seeds)}", field="retake_seeds")
+    for seed in params.retake_seeds:
+        check_range("retake_seeds", seed, -1, MAX_SEED)
+    if params.retake_seeds and params.task_type != "retake":
+        raise InvalidArgument("retake_seeds is only used by task_type 'retake'", field="retake_seeds")
+    if params.source_request_id and params.task_type not in STUDIO_TASK_TYPES:
+        raise InvalidArgument(f"source_request_id is only used by task_type {', '.join(STUDIO_TASK_TYPES)}",
+                              field="source_request_id")
+
+
+def check_studio_requirements(params: GenerationParams) -> None:
+    """What retake, extend and edit need besides their source (checked at the gateway)."""
+    task = params.task_type
+    if task == "retake" and not params.source_request_id:
+        raise InvalidArgument("task_type 'retake' needs source_request_id: the job whose item to retake",
+                              field="source_request_id")
+    if task == "extend" and params.extend_left_seconds + params.extend_right_seconds <= 0:
+        raise InvalidArgument("task_type 'extend' needs extend_left_seconds or extend_right_seconds > 0",
+                              field="extend_right_seconds")
+    if task == "edit" and (params.edit_mode or "only_lyrics") == "remix" and not params.edit_target_caption.strip():
+        raise InvalidArgument("edit_mode 'remix' needs edit_target_caption (the new caption)",
+                              field="edit_target_caption")
 
 
 def _names_a_track(instruction: str) -> bool:
@@ -211,7 +313,7 @@ def check_repaint_window(params: GenerationParams) -> None:
 def validate_params(params: GenerationParams, with_uploads: bool = True) -> None:
     """Check every field of GenerationParams; raises InvalidArgument on the first violation.
     ``with_uploads=False``: the audio uploads were left out on purpose (what the LM receives)."""
-    check_choice("task_type", params.task_type, c.TASK_TYPES)
+    check_choice("task_type", params.task_type, ALL_TASK_TYPES)
     check_choice("infer_method", params.infer_method, c.INFER_METHODS)
     for name, limit in _TEXT_LIMITS.items():
         check_text(name, getattr(params, name) or "", limit)
@@ -231,6 +333,8 @@ def validate_params(params: GenerationParams, with_uploads: bool = True) -> None
     check_timesteps(params.timesteps)
     check_repaint_window(params)
     check_tracks(params)
+    lora_blend(params)
+    check_studio_fields(params)
     if params.audio_codes.strip():
         codes = parse_strict(params.audio_codes, field="audio_codes")
         max_codes = int(c.DURATION_MAX_S * c.CODES_PER_SECOND)

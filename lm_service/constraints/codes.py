@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from lm_service.constraints.masking import NEG_INF, block_padding, keep_only
+from lm_service.constraints.masking import NEG_INF, TokenWindow, block_padding, code_windows, keep_only
 from lm_service.constraints.vocab import ConstraintVocab
 
 LOG = logging.getLogger("lm_service.constraints")
@@ -66,6 +66,17 @@ class CodesConstraint:
             LOG.debug("codes %d/%s: audio codes %s, EOS %s", self._num_generated, target,
                       "blocked" if eos == "forced" else "allowed", eos)
         return logits
+
+    def allowed_window(self) -> TokenWindow | None:
+        """The tokens ``mask_logits`` allows at this step, as a window over the codes and EOS
+        (None with debug logging on, so that ``mask_logits`` runs and logs every step)."""
+        if self._debug:
+            return None
+        vocab, target = self._vocab, self._target_codes
+        windows = code_windows(vocab.code_start_id, vocab.code_end_id, vocab.eos_id)
+        if self._finished or (target is not None and self._num_generated >= target):
+            return windows.eos_only
+        return windows.codes_or_eos if target is None else windows.codes_only
 
     def advance(self, token_id: int) -> None:
         """Count a generated code; a stop token finishes the sequence."""

@@ -41,7 +41,7 @@ from enum import Enum
 import torch
 
 from lm_service.constraints.codes import LOG, CodesConstraint, log_allowed
-from lm_service.constraints.masking import NEG_INF, block_padding, keep_one, keep_only
+from lm_service.constraints.masking import NEG_INF, TokenWindow, block_padding, keep_one, keep_only
 from lm_service.constraints.spec import FIELD_ORDER, ConstraintSpec
 from lm_service.constraints.vocab import THINK_END_TAG, THINK_TAG, ConstraintVocab
 from shared.constants import CODES_PER_SECOND
@@ -125,6 +125,10 @@ class MetadataConstraint:
         if self._debug:
             log_allowed(self._vocab, self.state_name, logits)
         return logits
+
+    def allowed_window(self) -> TokenWindow | None:
+        """In the codes state, the codes constraint's window; before it the mask needs the logits."""
+        return self._codes.allowed_window() if self._codes is not None else None
 
     def advance(self, token_id: int) -> None:
         """Move the state machine past ``token_id``, the token sampled from the last mask."""

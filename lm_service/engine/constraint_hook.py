@@ -36,6 +36,30 @@ class TokenConstraint(Protocol):
         """True once the constraint accepts nothing but the end of the output."""
 
 
+@runtime_checkable
+class TokenWindow(Protocol):
+    """A step's allowed tokens known before the logits (``lm_service.constraints.masking.TokenWindow``).
+
+    ``ids``: ``[K]`` int64 ascending token ids, the same tensor object at every step of a phase;
+    ``blocked``: ``[K]`` bool, the ids disallowed at this step, or None when all are allowed.
+    """
+
+    ids: torch.Tensor
+    blocked: torch.Tensor | None
+
+
+def allowed_window(constraint: TokenConstraint) -> TokenWindow | None:
+    """The constraint's window for its current step, if it declares one.
+
+    Optional part of the constraint protocol: ``allowed_window()`` returns the window whose unblocked
+    ids are exactly what ``mask_logits`` would leave finite at this step, or None when the mask
+    depends on the logits. The engine then decides the request inside the window (and the
+    transformers backend computes only the window's rows of the output projection).
+    """
+    declare = getattr(constraint, "allowed_window", None)
+    return None if declare is None else declare()
+
+
 def resolve_callable(path: str) -> Callable[..., Any]:
     """Import ``"package.module:function"`` (``"package.module.function"`` also works)."""
     module_name, sep, attr_path = path.partition(":")

@@ -1,10 +1,14 @@
 """The LM engine on transformers: the reference for tests and the engine where vLLM is absent.
 
-Same API and events as ``VllmLmEngine`` and the same per-token pipeline (``GuidedDecoder``): a
+Same API and events as ``VllmLmEngine`` and the same token pipeline (``decoding.decode_step``): a
 guided request runs its conditional and unconditional prompts as one left-padded batch
 ``[cond, uncond]`` with a KV cache (the reference PyTorch backend's layout), an unguided one as a
 batch of one. Requests run one at a time, in submission order, in a worker thread; the model is
 loaded in float32 (reference §1.5 for CPU).
+
+When the request's constraint declares the next step's allowed tokens as a window (the audio codes
+and EOS), only those rows of the output projection are computed (contiguous slices of the head's
+weight, no copy): at the real vocabulary that is under a third of the head's work per code.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from transformers import AutoModelForCausalLM
 
 from lm_service.engine.config import LmEngineConfig
 from lm_service.engine.constraint_hook import build_constraint
-from lm_service.engine.decoding import GuidedDecoder
+from lm_service.engine.decoding import DecodeRow, GuidedDecoder, decided, decode_step
 from lm_service.engine.stats import EngineStats, RequestTimeline, StatsTracker
 from lm_service.engine.types import FinishReason, LmEvent, LmFinished, LmGenerateRequest, LmProgress, validate_request
 from lm_service.engine.weights import needs_tie_flag
@@ -30,6 +34,7 @@ from shared.errors import Internal, InvalidArgument, NotReady
 logger = logging.getLogger(__name__)
 
 _PAD_ID = 0  # any id: padded positions are masked out
+_MAX_HEAD_GAP = 64  # window ids closer than this share one slice of the output projection
 
 
 class HfGeneration:
@@ -41,10 +46,15 @@ class HfGeneration:
         seed: the resolved sampling seed.
         max_model_len: a stream that reaches this many tokens ends the request (LENGTH).
         tokenizer_dir: where a constraint's vocabulary loader reads the tokenizer.
+        reduced_head: compute only the window's rows of the output projection when the constraint
+            declares one (False: always the whole head; the tokens are the same).
     """
 
-    def __init__(self, model, request: LmGenerateRequest, seed: int, max_model_len: int, tokenizer_dir: str) -> None:
+    def __init__(self, model, request: LmGenerateRequest, seed: int, max_model_len: int, tokenizer_dir: str,
+                 reduced_head: bool = True) -> None:
         self._model = model
+        self._reduced_head = reduced_head
+        self._columns: torch.Tensor | None = None  # [K] token ids of the logits' columns; None: all
         self._request = request
         self._max_model_len = max_model_len
         prompts = [list(request.prompt_token_ids)]
@@ -63,6 +73,11 @@ class HfGeneration:
         self._mask: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
 
+    @property
+    def num_logit_columns(self) -> int:
+        """Columns of the last computed logits: the vocabulary, or the window of a reduced head."""
+        return 0 if self._logits is None else int(self._logits.shape[-1])
+
     @torch.inference_mode()
     def prefill(self) -> None:
         device = self._model.device
@@ -80,8 +95,8 @@ class HfGeneration:
     def step(self) -> tuple[int, FinishReason | None]:
         """Pick and append the next token; return it and the finish reason if the request ended."""
         assert self._logits is not None, "prefill() first"
-        uncond = self._logits[1] if len(self._prompts) == 2 else None  # [V]
-        token = self._decoder.next_token(self._logits[0], uncond, self.output_token_ids)
+        row = DecodeRow(self._decoder, self.output_token_ids, 0, 1 if len(self._prompts) == 2 else None)
+        token = decided(decode_step(self._logits, [row], self._columns)[0])
         self.output_token_ids.append(token)
         reason = self._finish_reason(token)
         if reason is None:
@@ -93,16 +108,25 @@ class HfGeneration:
         return token, reason
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> None:
-        out = self._model(
-            input_ids=input_ids,
-            attention_mask=self._mask,
-            position_ids=positions,
-            past_key_values=self._cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        self._cache = out.past_key_values
-        self._logits = out.logits[:, -1, :].to(torch.float32)  # [B, V]
+        window = self._next_window()
+        inputs = dict(input_ids=input_ids, attention_mask=self._mask, position_ids=positions,
+                      past_key_values=self._cache, use_cache=True)
+        if window is None:
+            out = self._model(**inputs, logits_to_keep=1)
+            self._cache, self._columns = out.past_key_values, None
+            self._logits = out.logits[:, -1, :].to(torch.float32)  # [B, V]
+            return
+        out = self._model.base_model(**inputs)
+        self._cache, self._columns = out.past_key_values, window
+        head = self._model.get_output_embeddings()
+        self._logits = window_logits(out.last_hidden_state[:, -1, :], head.weight, window)  # [B, K]
+
+    def _next_window(self) -> torch.Tensor | None:
+        """The window ids of the next step when the head may be reduced to them, else None."""
+        if not self._reduced_head or getattr(self._model.get_output_embeddings(), "bias", None) is not None:
+            return None
+        plan = self._decoder.plan(self.output_token_ids)
+        return None if plan.window is None else plan.window.ids
 
     def _finish_reason(self, token: int) -> FinishReason | None:
         """vLLM's order: a stop token first, then max_tokens or max_model_len."""
@@ -239,6 +263,40 @@ class HfLmEngine:
             if reason is None:
                 job.events.put_nowait(LmProgress(job.request.request_id, tuple(timeline.token_ids)))
         job.events.put_nowait(_finished(job, timeline, reason))
+
+
+def window_logits(hidden: torch.Tensor, weight: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """``hidden @ weight[window].T`` in float32 without copying the weight: ``[B, H]`` → ``[B, K]``.
+
+    ``window`` ([K], ascending ids) is split into runs of ids at most ``_MAX_HEAD_GAP`` apart; each
+    run is one product with a slice (view) of ``weight`` ([V, H]), and the few rows between the ids
+    of a run are computed and dropped.
+    """
+    columns = []
+    for low, high, keep in _head_runs(window):
+        run = torch.nn.functional.linear(hidden, weight[low:high])  # [B, high - low]
+        columns.append(run if keep is None else run.index_select(1, keep.to(run.device)))
+    return torch.cat(columns, dim=1).to(torch.float32)  # [B, K]
+
+
+_runs_cache: dict[int, tuple[torch.Tensor, list[tuple[int, int, torch.Tensor | None]]]] = {}
+
+
+def _head_runs(window: torch.Tensor) -> list[tuple[int, int, torch.Tensor | None]]:
+    """(first id, end id, positions to keep or None for all) per run of ``window``; cached per
+    window tensor (the entry keeps it alive, so its id is not reused)."""
+    cached = _runs_cache.get(id(window))
+    if cached is not None and cached[0] is window:
+        return cached[1]
+    ids, runs, start = window.tolist(), [], 0
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or ids[end] - ids[end - 1] > _MAX_HEAD_GAP:
+            low, high = ids[start], ids[end - 1] + 1
+            keep = None if high - low == end - start else window[start:end] - low  # [n]
+            runs.append((low, high, keep))
+            start = end
+    _runs_cache[id(window)] = (window, runs)
+    return runs
 
 
 def _finished(job: _Job, timeline: RequestTimeline, reason: FinishReason) -> LmFinished:

@@ -2,10 +2,12 @@
 
 Passed to vLLM as ``logits_processors=[GuidanceLogitsProcessor]``; it runs in the worker process.
 vLLM samples every tagged sequence greedily (``temperature=0`` in its own ``SamplingParams``), and
-this processor decides the token: for each request in the batch it reads the raw logits of its
-row(s), runs ``GuidedDecoder`` (CFG in float32, constraint, repetition penalty, temperature,
-top-k, top-p, seeded sampling) and forces the row(s) to that token (every other logit ``-inf``).
-A guided pair's two rows are forced to the same token.
+this processor decides the tokens: it hands every tagged request's row(s) of the step to one
+``decode_step`` call (CFG in float32, constraint masks, repetition penalty, top-k, top-p,
+temperature and seeded sampling, batched across requests) and forces the rows to their tokens
+(every other logit ``-inf``). A guided pair's two rows are forced to the same token. A request in
+the audio-code phase is decided among the codes and EOS only (its constraint's window); vLLM still
+computes the full output projection, since it has no per-request hook for a reduced head.
 
 Rows are found through ``BatchUpdate``: each added row brings its ``SamplingParams`` (whose
 ``extra_args`` say request key and role), its prompt ids and a live reference to its output ids.
@@ -26,9 +28,9 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from lm_service.engine.constraint_hook import build_constraint
-from lm_service.engine.decoding import ConstraintFactory, GuidedDecoder
+from lm_service.engine.decoding import ConstraintFactory, DecodeRow, GuidedDecoder, decode_step
 from lm_service.engine.pairing import describe_misalignment
-from lm_service.engine.sampling import force_token
+from lm_service.engine.sampling import force_tokens
 from lm_service.engine.wire import RowArgs, RowRole, read_row_args
 
 if TYPE_CHECKING:
@@ -42,6 +44,15 @@ class _Row:
     args: RowArgs
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # live reference into the worker's request state
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One decision of a step: the rows forced to its token, and what ``decode_step`` reads."""
+
+    key: str
+    targets: tuple[int, ...]
+    row: DecodeRow
 
 
 class GuidanceLogitsProcessor(LogitsProcessor):
@@ -88,29 +99,44 @@ class GuidanceLogitsProcessor(LogitsProcessor):
         """Force every tagged row of ``logits`` ``[B, V]`` to its request's next token."""
         if not self._rows:
             return logits
-        for key, (cond_index, uncond_index) in self._group_rows().items():
-            try:
-                self._decide(key, logits, cond_index, uncond_index)
-            except Exception:  # one request's failing constraint must not stop the engine
-                logger.exception("LM request %s: picking its token failed; ending the request", key)
-                self._decoders.pop(key, None)
-                self._end_rows(logits, cond_index, uncond_index)
+        groups = self._group_rows()
+        requests = [request for key, (cond_index, uncond_index) in groups.items()
+                    for request in self._requests(key, cond_index, uncond_index)]
+        try:
+            results = decode_step(logits, [request.row for request in requests])
+        except Exception as exc:  # a batched stage failed: every request of the step ends
+            results = [exc] * len(requests)
+        forced: dict[int, int] = {}
+        failed: dict[str, Exception] = {}
+        for request, result in zip(requests, results):
+            if isinstance(result, Exception):
+                failed.setdefault(request.key, result)
+            else:
+                forced.update(dict.fromkeys(request.targets, result))
+        for key, error in failed.items():
+            # one request's failing constraint must not stop the engine
+            logger.error("LM request %s: picking its token failed; ending the request", key, exc_info=error)
+            self._decoders.pop(key, None)
+            forced.update(self._end_rows(*groups[key]))
+        device = logits.device
+        force_tokens(logits, torch.tensor(list(forced), dtype=torch.long, device=device),
+                     torch.tensor(list(forced.values()), dtype=torch.long, device=device))
         return logits
 
-    def _end_rows(self, logits: torch.Tensor, cond_index: int | None, uncond_index: int | None) -> None:
-        """End a request whose token could not be picked.
+    def _end_rows(self, cond_index: int | None, uncond_index: int | None) -> dict[int, int]:
+        """Row -> token that ends a request whose token could not be picked.
 
         A pair's rows are forced to different tokens, which the scheduler reports as an error for
         the request; a single sequence is forced to its first stop token (the error is logged).
         """
         if cond_index is not None and uncond_index is not None:
-            force_token(logits[cond_index], 0)
-            force_token(logits[uncond_index], 1)
-            return
+            return {cond_index: 0, uncond_index: 1}
+        ends = {}
         for index in (cond_index, uncond_index):
             if index is not None:
                 stop_ids = self._rows[index].args.settings.stop_token_ids
-                force_token(logits[index], stop_ids[0] if stop_ids else 0)
+                ends[index] = stop_ids[0] if stop_ids else 0
+        return ends
 
     def _group_rows(self) -> dict[str, tuple[int | None, int | None]]:
         """request key -> (row of the conditional or single sequence, row of the twin)."""
@@ -124,30 +150,29 @@ class GuidanceLogitsProcessor(LogitsProcessor):
             groups[row.args.key] = (cond_index, uncond_index)
         return groups
 
-    def _decide(self, key: str, logits: torch.Tensor, cond_index: int | None, uncond_index: int | None) -> None:
+    def _requests(self, key: str, cond_index: int | None, uncond_index: int | None) -> list[_Request]:
+        """What ``decode_step`` decides for one request: its pair, its single row, or (a broken
+        pair) each present row on its own."""
         if cond_index is None:  # a twin without its conditional row: a broken pair
-            self._decide_unguided(key, logits, [uncond_index], "the conditional row is not in this step")
-            return
+            return self._unguided(key, [uncond_index], "the conditional row is not in this step")
         cond_row = self._rows[cond_index]
         decoder = self._decoder(key, cond_row)
         if not decoder.uses_guidance:
-            token = decoder.next_token(logits[cond_index], None, cond_row.output_token_ids)
-            force_token(logits[cond_index], token)
-            return
+            return [_Request(key, (cond_index,), DecodeRow(decoder, cond_row.output_token_ids, cond_index))]
         problem = self._pair_problem(cond_index, uncond_index)
         if problem:
-            self._decide_unguided(key, logits, [i for i in (cond_index, uncond_index) if i is not None], problem)
-            return
-        token = decoder.next_token(logits[cond_index], logits[uncond_index], cond_row.output_token_ids)
-        force_token(logits[cond_index], token)
-        force_token(logits[uncond_index], token)
+            return self._unguided(key, [i for i in (cond_index, uncond_index) if i is not None], problem)
+        row = DecodeRow(decoder, cond_row.output_token_ids, cond_index, uncond_index)
+        return [_Request(key, (cond_index, uncond_index), row)]
 
-    def _decide_unguided(self, key: str, logits: torch.Tensor, rows: list[int], problem: str) -> None:
+    def _unguided(self, key: str, indices: list[int], problem: str) -> list[_Request]:
         logger.error("guided request %s: %s; sampling its rows without guidance", key, problem)
-        for index in rows:
+        requests = []
+        for index in indices:
             row = self._rows[index]
             decoder = GuidedDecoder(replace(row.args.settings, cfg_scale=1.0), [], None)
-            force_token(logits[index], decoder.next_token(logits[index], None, row.output_token_ids))
+            requests.append(_Request(key, (index,), DecodeRow(decoder, row.output_token_ids, index)))
+        return requests
 
     def _pair_problem(self, cond_index: int | None, uncond_index: int | None) -> str:
         if cond_index is None or uncond_index is None:

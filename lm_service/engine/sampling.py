@@ -1,6 +1,6 @@
-"""Pure tensor functions that turn next-token logits into one token (shared by both backends).
+"""Pure tensor functions that turn next-token logits into tokens, many rows at once (both backends).
 
-Pipeline for one request and one step (``pick_token`` runs steps 4-7; ``GuidedDecoder`` runs all):
+Pipeline for one step (``pick_tokens`` runs steps 4-7; ``decoding.decode_step`` runs all):
 
 1. classifier-free guidance on the raw logits in float32: ``u + s * (c - u)`` (reference §5.2;
    not log-softmax based);
@@ -12,12 +12,16 @@ Pipeline for one request and one step (``pick_token`` runs steps 4-7; ``GuidedDe
    most likely tokens whose probability reaches ``p``; the token that crosses ``p`` and the top
    token are always kept) - applied, unlike the reference nano-vllm path, where an inverted flag
    drops it (§5.3);
-6. temperature (``<= 0``: greedy);
-7. sampling by inverse CDF with one uniform number drawn from a generator seeded by
-   ``(seed, step)``: the same seed and inputs give the same token whatever else is in the batch,
-   and a request that is preempted and recomputed redraws the same numbers.
+6. temperature (``<= 0``: greedy, the argmax);
+7. sampling by inverse CDF in token order with one uniform number per row from ``step_uniform(seed,
+   step)``: the same seed and inputs give the same token whatever else is in the batch, and a
+   request that is preempted and recomputed redraws the same numbers.
 
-All functions take one row ``[V]`` and return a new float32 row unless they say otherwise.
+Logits are ``[R, W]``: R rows (requests), W columns (the vocabulary, or a window of it in ascending
+token order, see ``decoding``); per-row settings are ``[R]`` tensors. Every row is computed on its own
+(no value of a row depends on another row), and a column holding ``-inf`` never changes another
+column's result, so sampling a window gives the same token as sampling the whole row with every id
+outside the window at ``-inf``. Functions return new tensors unless they say otherwise.
 """
 
 from __future__ import annotations
@@ -27,110 +31,170 @@ from collections.abc import Sequence
 import torch
 
 _MASK = float("-inf")
-_SEED_MASK = (1 << 63) - 1
-_STEP_MULTIPLIER = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: spreads consecutive steps apart
+_MASK64 = (1 << 64) - 1
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # 2**64 / golden ratio, the splitmix64 increment
 _TOP_P_CANDIDATES = 1024
 
 
-def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """``uncond + scale * (cond - uncond)`` in float32."""
-    cond32 = cond.to(torch.float32)      # [V]
-    uncond32 = uncond.to(torch.float32)  # [V]
-    return uncond32 + scale * (cond32 - uncond32)  # [V]
+def _mix64(value: int) -> int:
+    """The splitmix64 finaliser: a bijection of 64-bit integers that scrambles every bit."""
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
 
 
-def apply_repetition_penalty(logits: torch.Tensor, token_ids: Sequence[int], penalty: float) -> torch.Tensor:
-    """Divide positive / multiply negative logits of every token in ``token_ids`` by ``penalty``."""
-    if penalty == 1.0 or not token_ids:
+def step_uniform(seed: int, step: int) -> float:
+    """A uniform number in ``[0, 1)`` that depends only on ``(seed, step)``.
+
+    Counter-based (no generator state): the ``step + 1``-th output of a splitmix64 stream keyed by the
+    mixed seed, ``mix64(mix64(seed) + (step + 1) * gamma)``, of which the top 53 bits make the float.
+    Mixing the seed first keeps the streams of nearby seeds (0, 1, 2, ...) unrelated.
+    """
+    key = _mix64(seed & _MASK64)
+    bits = _mix64((key + (step + 1) * _GOLDEN_GAMMA) & _MASK64)
+    return (bits >> 11) * (1.0 / (1 << 53))
+
+
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """``uncond + scale * (cond - uncond)`` in float32; ``scale``: a number or ``[R]`` per row."""
+    cond32 = cond.to(torch.float32)      # [R, W]
+    uncond32 = uncond.to(torch.float32)  # [R, W]
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(torch.float32).reshape(-1, 1)  # [R, 1]
+    return uncond32 + scale * (cond32 - uncond32)  # [R, W]
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, penalty: torch.Tensor
+) -> torch.Tensor:
+    """Divide positive / multiply negative logits at ``(rows[i], columns[i])`` by ``penalty[rows[i]]``.
+
+    ``rows``, ``columns``: ``[N]`` int64 (a row's columns may repeat); ``penalty``: ``[R]``.
+    """
+    if rows.numel() == 0:
         return logits
-    ids = torch.tensor(sorted(set(token_ids)), dtype=torch.long, device=logits.device)  # [N]
-    picked = logits[ids]  # [N]
-    penalized = torch.where(picked < 0, picked * penalty, picked / penalty)  # [N]
-    out = logits.clone()  # [V]
-    out[ids] = penalized
+    picked = logits[rows, columns]  # [N]
+    factor = penalty.to(logits.dtype)[rows]  # [N]
+    out = logits.clone()  # [R, W]
+    out[rows, columns] = torch.where(picked < 0, picked * factor, picked / factor)
     return out
 
 
-def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``logits / temperature``; a temperature ``<= 0`` (greedy) leaves the logits as they are."""
-    if temperature <= 0.0 or temperature == 1.0:
+def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """``logits / temperature`` per row (``temperature``: ``[R]``, every entry ``> 0``)."""
+    if bool((temperature == 1.0).all()):
         return logits
-    return logits / temperature  # [V]
+    return logits / temperature.to(logits.dtype).reshape(-1, 1)  # [R, W]
 
 
-def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Keep the ``top_k`` largest logits (ties at the boundary stay); ``0`` keeps all."""
-    if top_k <= 0 or top_k >= logits.shape[-1]:
+def top_k_filter(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep each row's ``top_k`` largest logits (ties at the boundary stay); ``0`` keeps all."""
+    width = logits.shape[-1]
+    active = (top_k > 0) & (top_k < width)  # [R]
+    if not bool(active.any()):
         return logits
-    threshold = torch.topk(logits, top_k).values[-1]  # scalar
-    return logits.masked_fill(logits < threshold, _MASK)  # [V]
+    k_max = int(top_k[active].max())
+    values = torch.topk(logits, k_max, dim=-1).values  # [R, k_max] descending
+    kth = values.gather(1, (top_k.clamp(1, k_max) - 1).reshape(-1, 1))  # [R, 1]
+    threshold = torch.where(active.reshape(-1, 1), kth, torch.full_like(kth, _MASK))  # [R, 1]
+    return logits.masked_fill(logits < threshold, _MASK)  # [R, W]
 
 
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches ``top_p``.
+def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep each row's smallest set of most likely tokens whose probability reaches ``top_p``.
 
     The token whose probability crosses ``top_p`` is kept, and so is the most likely token.
     ``top_p >= 1`` keeps all.
     """
-    if top_p >= 1.0:
+    active = top_p < 1.0  # [R]
+    if not bool(active.any()):
         return logits
-    # Sorting the whole vocabulary is slow; the kept set almost always lies in the top few
-    # hundred tokens, so look there first and sort everything only when it does not.
-    num_candidates = min(_TOP_P_CANDIDATES, logits.shape[-1])
-    values, order = torch.topk(logits, num_candidates)  # [K], [K] descending
-    probs = torch.exp(values - torch.logsumexp(logits, dim=-1))  # [K] probabilities over all of V
-    if num_candidates < logits.shape[-1] and float(probs.sum()) < top_p:
-        values, order = torch.sort(logits, descending=True)  # [V], [V]
-        probs = torch.softmax(values, dim=-1)  # [V]
-    mass_before = torch.cumsum(probs, dim=-1) - probs  # [K] probability of strictly better tokens
-    keep = mass_before < top_p  # [K]
-    keep[0] = True
-    kept = order[keep]  # [N]
-    out = torch.full_like(logits, _MASK)  # [V]
-    out[kept] = logits[kept]
+    # Sorting the whole vocabulary is slow; the kept set almost always lies in the top few hundred
+    # tokens, so look there first and sort everything only for the rows where it does not.
+    every = bool(active.all())
+    rows = active.nonzero().flatten()  # [A]
+    chosen, chosen_p = (logits, top_p) if every else (logits[rows], top_p[rows])  # [A, W], [A]
+    filtered, complete = _top_p_among(chosen, chosen_p, _TOP_P_CANDIDATES)  # [A, W], [A]
+    if not bool(complete.all()):
+        retry = (~complete).nonzero().flatten()  # [B]
+        filtered[retry] = _top_p_among(chosen[retry], chosen_p[retry], logits.shape[-1])[0]
+    if every:
+        return filtered
+    out = logits.clone()  # [R, W]
+    out[rows] = filtered
     return out
 
 
-def step_uniform(seed: int, step: int) -> float:
-    """A uniform number in ``[0, 1)`` that depends only on ``(seed, step)``."""
-    mixed = (seed * 6364136223846793005 + (step + 1) * _STEP_MULTIPLIER) & _SEED_MASK
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(mixed)
-    return float(torch.rand((), generator=generator, dtype=torch.float64))
+def _top_p_among(logits: torch.Tensor, top_p: torch.Tensor, num_candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p over each row's ``num_candidates`` best tokens → (filtered ``[R, W]``, ``[R]`` True where
+    the candidates hold the whole kept set)."""
+    width = logits.shape[-1]
+    num_candidates = min(num_candidates, width)
+    values, order = torch.topk(logits, num_candidates, dim=-1)  # [R, K], [R, K] descending
+    best = values[:, :1]  # [R, 1]
+    total = torch.exp(logits - best).sum(dim=-1, dtype=torch.float64)  # [R] mass of the whole row
+    probs = torch.exp(values - best).to(torch.float64) / total.reshape(-1, 1)  # [R, K]
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # [R, K] probability of strictly better tokens
+    keep = mass_before < top_p.to(torch.float64).reshape(-1, 1)  # [R, K]
+    keep[:, 0] = True
+    complete = (probs.sum(dim=-1) >= top_p) | (num_candidates == width)  # [R]
+    out = torch.full_like(logits, _MASK)  # [R, W]
+    out.scatter_(1, order, values.masked_fill(~keep, _MASK))
+    return out, complete
 
 
-def sample_from_logits(logits: torch.Tensor, uniform: float) -> int:
-    """Inverse-CDF sample of ``softmax(logits)`` at ``uniform`` in ``[0, 1)``.
+def sample_inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Column ``[R]`` (int64) of each row's inverse-CDF sample of ``softmax(logits)`` at ``uniforms``.
 
-    Returns a token with non-zero probability; ``-inf`` entries are never picked.
+    ``uniforms``: ``[R]`` float64 in ``[0, 1)``. The CDF is a float64 running sum in column order, so
+    a column's value depends only on the columns before it: ``-inf`` columns (weight 0) change
+    nothing, and a column with weight 0 is never picked.
     """
-    probs = torch.softmax(logits.to(torch.float32), dim=-1)  # [V]
-    cdf = torch.cumsum(probs, dim=-1)  # [V]
-    target = torch.tensor([uniform], dtype=cdf.dtype, device=cdf.device) * cdf[-1]  # [1]
-    index = int(torch.searchsorted(cdf, target, right=True)[0])
-    index = min(index, logits.shape[-1] - 1)
-    if probs[index] <= 0:  # rounding at the top end of the cdf: take the last token with mass
-        index = int(torch.nonzero(probs > 0)[-1, 0])
+    width = logits.shape[-1]
+    weights = torch.exp(logits - logits.max(dim=-1, keepdim=True).values)  # [R, W] 0 where -inf
+    cdf = torch.cumsum(weights, dim=-1, dtype=torch.float64)  # [R, W]
+    target = uniforms.to(torch.float64).reshape(-1, 1) * cdf[:, -1:]  # [R, 1]
+    index = torch.searchsorted(cdf, target, right=True).reshape(-1).clamp(max=width - 1)  # [R]
+    empty = weights.gather(1, index.reshape(-1, 1)).reshape(-1) <= 0  # [R] rounding at the top end
+    if bool(empty.any()):
+        last = width - 1 - torch.argmax((weights.flip(-1) > 0).to(torch.int8), dim=-1)  # [R]
+        index = torch.where(empty, last, index)
     return index
 
 
-def pick_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, uniform: float) -> int:
-    """Steps 4-7 of the module pipeline on penalised, masked float32 logits ``[V]``.
+def pick_tokens(
+    logits: torch.Tensor,
+    temperature: Sequence[float],
+    top_k: Sequence[int],
+    top_p: Sequence[float],
+    uniforms: Sequence[float],
+) -> torch.Tensor:
+    """Steps 4-7 of the module pipeline on penalised, masked float32 logits ``[R, W]`` → columns ``[R]``.
 
-    Greedy (``temperature <= 0`` or ``top_k == 1``) returns the argmax and ignores ``uniform``.
+    A greedy row (``temperature <= 0`` or ``top_k == 1``) takes its argmax and ignores its uniform.
     """
-    if temperature <= 0.0 or top_k == 1:
-        return int(torch.argmax(logits))
-    filtered = top_p_filter(top_k_filter(logits, top_k), top_p)  # [V]
-    return sample_from_logits(apply_temperature(filtered, temperature), uniform)
+    device = logits.device
+    sampled = [row for row, (t, k) in enumerate(zip(temperature, top_k)) if t > 0.0 and k != 1]
+    if len(sampled) < len(temperature):
+        index = torch.argmax(logits, dim=-1)  # [R]
+        if not sampled:
+            return index
+    rows = torch.tensor(sampled, dtype=torch.long, device=device)  # [S]
+    chosen = logits if len(sampled) == len(temperature) else logits.index_select(0, rows)  # [S, W]
+    chosen = top_k_filter(chosen, torch.tensor([top_k[r] for r in sampled], dtype=torch.long, device=device))
+    chosen = top_p_filter(chosen, torch.tensor([top_p[r] for r in sampled], dtype=torch.float64, device=device))
+    chosen = apply_temperature(chosen, torch.tensor([temperature[r] for r in sampled], device=device))
+    draws = sample_inverse_cdf(chosen, torch.tensor([uniforms[r] for r in sampled], dtype=torch.float64,
+                                                    device=device))  # [S]
+    return draws if len(sampled) == len(temperature) else index.index_copy(0, rows, draws)
 
 
-def has_allowed_token(logits: torch.Tensor) -> bool:
-    """False when every entry is ``-inf`` (a constraint allowed nothing)."""
-    return bool(torch.isfinite(logits).any()) or bool((logits == float("inf")).any())
+def has_allowed_token(logits: torch.Tensor) -> torch.Tensor:
+    """``[R]`` bool: False for a row whose every entry is ``-inf`` (a constraint allowed nothing)."""
+    return logits.amax(dim=-1) > _MASK
 
 
-def force_token(row: torch.Tensor, token_id: int) -> None:
-    """In place: every logit but ``token_id`` becomes ``-inf`` and ``token_id`` becomes 0."""
-    row.fill_(_MASK)
-    row[token_id] = 0.0
+def force_tokens(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+    """In place: in each row ``rows[i]`` every logit but ``tokens[i]`` becomes ``-inf``, that one 0."""
+    logits.index_fill_(0, rows, _MASK)
+    logits[rows, tokens] = 0.0

@@ -24,6 +24,7 @@ COMPONENT_VARIANTS = {
     "base+hpa": ("monitoring", "hpa"),
     "base+gateway-tls": ("gateway-tls",),
     "base+redis": ("redis",),
+    "base+studio": ("studio",),
 }
 ALL_VARIANTS = (*OVERLAYS, "base", *COMPONENT_VARIANTS)
 MIN_KUSTOMIZE_MAJOR = 4  # kustomize Components need v3.7+; kubectl 1.21+ embeds v4+

@@ -31,9 +31,9 @@ def _claim_templates(workload: dict) -> dict[str, dict]:
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
 def test_servers_have_native_grpc_probes_on_their_grpc_port(render_variant, variant: str) -> None:
     rendered = render_variant(variant)
-    for deployment in _deployments(rendered):
+    for name in SERVERS:  # the gRPC servers (the studio page is HTTP: see its own test)
+        deployment = rendered.get("Deployment", name)
         container = main_container(deployment)
-        name = deployment["metadata"]["name"]
         grpc_port = {p["name"]: p["containerPort"] for p in container["ports"]}["grpc"]
         args = expand_args(container["args"], container_env(rendered, container))
         assert flag_value(args, "--port") == str(grpc_port), f"{name}: --port differs from the grpc containerPort"
@@ -195,8 +195,8 @@ def test_gateway_targets_every_backend_endpoint(render_variant, variant: str) ->
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
 def test_metrics_port_matches_the_configured_metrics_port(render_variant, variant: str) -> None:
     rendered = render_variant(variant)
-    for deployment in _deployments(rendered):
-        container = main_container(deployment)
+    for name in SERVERS:  # the studio page has no metrics port
+        container = main_container(rendered.get("Deployment", name))
         metrics_port = {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"]
         assert container_env(rendered, container)["ACESTEP_METRICS_PORT"] == str(metrics_port)
         assert container_env(rendered, container)["ACESTEP_HOST"] == "0.0.0.0"  # probes reach the pod IP
@@ -408,3 +408,19 @@ def test_redis_accepts_connections_only_from_gateways(render_variant, variant: s
             peers = rule.get("from", [])
             assert peers and all("podSelector" in p and "namespaceSelector" not in p
                                  and labels_match(p["podSelector"], gateway_labels) for p in peers)
+
+
+def test_studio_component_serves_the_page_from_the_gateway(render_variant) -> None:
+    """The studio is its own CPU Deployment on port 7865, a client of the gateway's Service."""
+    rendered = render_variant("base+studio")
+    container = main_container(rendered.get("Deployment", "acestep-studio"))
+    assert container["args"][:2] == ["acestep", "studio"]
+    env = container_env(rendered, container)
+    host, port = env["ACESTEP_GATEWAY"].rsplit(":", 1)
+    assert int(port) in {p["port"] for p in rendered.get("Service", host)["spec"]["ports"]}
+    assert env["ACESTEP_STUDIO_HOST"] == "0.0.0.0" and env["ACESTEP_STUDIO_PORT"] == "7865"
+    assert {p["containerPort"] for p in container["ports"]} == {7865}
+    assert [p["port"] for p in rendered.get("Service", "acestep-studio")["spec"]["ports"]] == [7865]
+    assert GPU not in container["resources"]["limits"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}, probe

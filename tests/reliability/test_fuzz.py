@@ -94,6 +94,10 @@ AUDIO = st.one_of(
 )
 
 
+LORA_BLENDS = st.lists(st.builds(lambda lora_id, scale: common_pb2.LoraWeight(lora_id=lora_id, scale=scale),
+                                 TEXTS, FLOATS), max_size=10)
+
+
 def _scalar_values(fd: FieldDescriptor) -> st.SearchStrategy:
     by_type = {FieldDescriptor.TYPE_STRING: TEXTS, FieldDescriptor.TYPE_DOUBLE: FLOATS,
                FieldDescriptor.TYPE_INT32: INT32, FieldDescriptor.TYPE_INT64: INT64,
@@ -105,7 +109,7 @@ def _mutation(path: str, fd: FieldDescriptor) -> st.SearchStrategy:
     """(path, value) for one field; messages get their own payloads."""
     if fd.message_type is not None:
         inner = {"AudioInput": AUDIO, "TimestepList": st.lists(FLOATS, max_size=70),
-                 "SeedList": st.lists(INT64, max_size=12)}[fd.message_type.name]
+                 "SeedList": st.lists(INT64, max_size=12), "LoraWeight": LORA_BLENDS}[fd.message_type.name]
         return st.tuples(st.just(path), inner)
     if fd.is_repeated:
         return st.tuples(st.just(path), st.lists(_scalar_values(fd), max_size=10))
@@ -134,6 +138,9 @@ def _apply(request: gw.GenerateRequest, path: str, value: object) -> None:
     fd = target.DESCRIPTOR.fields_by_name[name]
     if fd.message_type is not None and fd.message_type.name == "AudioInput":
         getattr(target, name).data = value
+    elif fd.message_type is not None and fd.message_type.name == "LoraWeight":
+        del getattr(target, name)[:]
+        getattr(target, name).extend(value)
     elif fd.message_type is not None:
         getattr(target, name).values[:] = value
     elif fd.is_repeated:

@@ -13,7 +13,7 @@ PACKAGES = ("shared", "lm_service", "dit_service", "gateway")
 EDGE_NAMES = {"__main__.py", "servicer.py", "convert.py", "grpc_server.py", "protogen.py", "clients.py",
               "client.py", "sdk.py", "cli.py", "demo.py", "serve.py", "balancer.py", "upstream.py",
               "orchestrator.py", "auth.py", "upstream_errors.py", "passthrough.py", "bench_overhead.py",
-              "runner.py"}
+              "runner.py", "lora_relay.py", "studio_ops.py"}
 FORBIDDEN = ("grpc", "grpc_health", "grpc_reflection", "shared.pb", "google.protobuf")
 
 
@@ -51,19 +51,19 @@ def test_shared_does_not_import_services() -> None:
 
 
 # Developer entry points inside the service packages (benchmarks, the demo) may use the tooling.
-TOOL_MODULES = frozenset({"bench.py", "bench_overhead.py", "demo.py"})
+TOOL_MODULES = frozenset({"bench.py", "bench_overhead.py", "demo.py", "bench_lora.py"})
 
 
 def _package_graph() -> dict[str, set[str]]:
     """Which top-level packages each top-level package imports (tests, benches and tools excluded)."""
     graph: dict[str, set[str]] = {}
-    for package in ("shared", "lm_service", "dit_service", "gateway", "http_service"):
+    for package in ("shared", "lm_service", "dit_service", "gateway", "http_service", "studio"):
         uses = graph.setdefault(package, set())
         for path in (REPO / package).rglob("*.py"):
             if "pb" in path.relative_to(REPO).parts or path.name in TOOL_MODULES:
                 continue
             uses.update(n.split(".")[0] for n in _imports(path))
-        uses &= {"shared", "lm_service", "dit_service", "gateway", "http_service", "conformance", "devtools"}
+        uses &= {"shared", "lm_service", "dit_service", "gateway", "http_service", "studio", "conformance", "devtools"}
         uses.discard(package)
     return graph
 
@@ -77,6 +77,14 @@ def test_http_edge_talks_to_the_gateway_only() -> None:
     """The HTTP edge is a gRPC client of the gateway: no model service code, no gateway internals
     beyond the SDK's conversions."""
     assert not _package_graph()["http_service"] & {"lm_service", "dit_service"}
+
+
+def test_studio_page_talks_to_the_gateway_only() -> None:
+    """The studio page is a gRPC client of the gateway (through its SDK): no model service code,
+    and nothing imports the page (the CLI starts it as its own program)."""
+    graph = _package_graph()
+    assert not graph["studio"] & {"lm_service", "dit_service", "http_service"}, graph["studio"]
+    assert not [package for package, uses in graph.items() if "studio" in uses]
 
 
 def test_services_do_not_import_the_tooling_and_packages_have_no_cycles() -> None:

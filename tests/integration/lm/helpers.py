@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from collections.abc import AsyncIterator
 
-from lm_service.engine.types import LmEvent, LmFinished, LmGenerateRequest, LmProgress
-
+from lm_service.engine.types import ConstraintRef, LmEvent, LmFinished, LmGenerateRequest, LmProgress
 
 
 def random_prompt(rng: random.Random, length: int, vocab_size: int) -> tuple[int, ...]:
@@ -52,3 +52,26 @@ async def wait_for_tokens(events: AsyncIterator[LmEvent], num_tokens: int) -> tu
         raise AssertionError("the stream ended without a final event")
 
     return asyncio.create_task(consume()), reached
+
+
+def codes_request(model_dir, request_id: str, cfg_scale: float, num_codes: int = 24, **sampling) -> LmGenerateRequest:
+    """A codes-phase request under the service's codes constraint (exactly ``num_codes`` codes, then EOS)."""
+    from lm_service import constraint_bridge as bridge
+
+    tokenizer = _tokenizer(str(model_dir))
+    text = ("<|im_start|>user\nan upbeat synth-pop track<|im_end|>\n"
+            "<|im_start|>assistant\n<think>\nbpm: 120\n</think>\n\n")
+    cond = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+    uncond = tuple(tokenizer("<|im_start|>user\nNO USER INPUT<|im_end|>\n", add_special_tokens=False)["input_ids"])
+    ref = ConstraintRef(builder=f"{bridge.__name__}:build", spec={"phase": "codes", "target_codes": num_codes},
+                        vocab_loader=f"{bridge.__name__}:load_vocab")
+    guided = dict(uncond_prompt_token_ids=uncond, cfg_scale=cfg_scale) if cfg_scale > 1 else {}
+    return LmGenerateRequest(request_id, cond, num_codes + 10, constraint=ref, stop_token_ids=(tokenizer.eos_token_id,),
+                             **guided, **sampling)
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)

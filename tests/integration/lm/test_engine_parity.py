@@ -9,7 +9,14 @@ import random
 import pytest
 
 from lm_service.engine.types import FinishReason, LmGenerateRequest
-from tests.integration.lm.helpers import finish, random_prompt, run_all, run_one_by_one, wait_for_tokens
+from tests.integration.lm.helpers import (
+    codes_request,
+    finish,
+    random_prompt,
+    run_all,
+    run_one_by_one,
+    wait_for_tokens,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -100,6 +107,25 @@ async def test_seeded_sampling_is_reproducible_whatever_else_runs(vllm_engine, h
     assert alone.seed == 123
     reference = await finish(hf_engine.submit(_guided("seed-ref", cond, uncond, 40, seed=123, **settings)))
     assert reference.token_ids == alone.token_ids
+
+
+async def test_sampled_codes_are_the_same_alone_among_other_requests_and_on_the_reference(vllm_engine, hf_engine) -> None:
+    """Codes-phase rows are decided in the codes+EOS window, batched with whatever else runs; the
+    transformers backend computes only that window's head rows."""
+    model_dir = vllm_engine.config.model_dir
+    settings = dict(temperature=0.9, top_p=0.95, seed=77)
+    alone = await finish(vllm_engine.submit(codes_request(model_dir, "codes-alone", CFG_SCALE, **settings)))
+    mates = [codes_request(model_dir, f"codes-mate{i}", CFG_SCALE if i else 1.0, temperature=1.0, top_k=200, seed=i)
+             for i in range(2)]
+    text_mate = _plain("text-mate", _pair_inputs(70, vllm_engine.vocab_size)[0], 30, temperature=1.0, top_p=0.8,
+                       repetition_penalty=1.2, seed=9)
+    got = await run_all(vllm_engine, mates + [text_mate, codes_request(model_dir, "codes-crowd", CFG_SCALE, **settings)])
+    assert got["codes-crowd"].token_ids == alone.token_ids
+    assert len(alone.token_ids) == 25 and alone.finish_reason == FinishReason.STOP
+    assert len({got[r.request_id].token_ids for r in mates} | {alone.token_ids}) == 3
+    reference = await run_one_by_one(hf_engine, mates + [codes_request(model_dir, "codes-ref", CFG_SCALE, **settings)])
+    assert reference["codes-ref"].token_ids == alone.token_ids
+    _assert_same(got, {r.request_id: reference[r.request_id] for r in mates})
 
 
 async def test_sampling_parameters_take_effect(vllm_engine, hf_engine) -> None:

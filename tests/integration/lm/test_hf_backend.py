@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from lm_service.engine.types import ConstraintRef, FinishReason, LmGenerateRequest
 from shared.errors import InvalidArgument, NotReady
 from tests.integration.lm import constraint_fixtures
-from tests.integration.lm.helpers import finish, random_prompt, wait_for_tokens
+from tests.integration.lm.helpers import codes_request, finish, random_prompt, wait_for_tokens
 
 
 def _recompute_guided_greedy(model, cond: list[int], uncond: list[int], scale: float, num_tokens: int) -> list[int]:
@@ -85,3 +85,33 @@ async def test_an_engine_that_is_not_started_is_not_ready(engine_config) -> None
 
     with pytest.raises(NotReady):
         HfLmEngine(engine_config).submit(LmGenerateRequest("x", (1,), 1))
+
+
+def _generate(model, request: LmGenerateRequest, model_dir, reduced_head: bool) -> tuple[list[int], set[int]]:
+    from lm_service.engine.hf_backend import HfGeneration
+
+    generation = HfGeneration(model, request, request.seed or 0, 4096, str(model_dir), reduced_head=reduced_head)
+    generation.prefill()
+    widths, reason = {generation.num_logit_columns}, None
+    while reason is None:
+        _, reason = generation.step()
+        widths.add(generation.num_logit_columns)
+    return generation.output_token_ids, widths
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+def test_the_head_reduced_to_codes_and_eos_gives_the_same_codes(lm_dir, cfg_scale) -> None:
+    model = AutoModelForCausalLM.from_pretrained(str(lm_dir), dtype=torch.float32).eval()
+    vocab_size = model.config.vocab_size
+    cases = [dict(temperature=0.0), dict(temperature=0.9, top_p=0.95, seed=1)]
+    outputs = []
+    for i, sampling in enumerate(cases):
+        request = codes_request(lm_dir, f"head-{i}", cfg_scale, **sampling)
+        reduced, reduced_widths = _generate(model, request, lm_dir, reduced_head=True)
+        full, full_widths = _generate(model, request, lm_dir, reduced_head=False)
+        assert reduced == full, f"case {sampling}"
+        assert len(reduced) == 25
+        assert full_widths == {vocab_size}
+        assert reduced_widths == {64001}  # the 64000 audio codes and EOS, at every step
+        outputs.append(reduced)
+    assert len({tuple(out) for out in outputs}) == len(cases)

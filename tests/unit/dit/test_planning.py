@@ -117,9 +117,12 @@ def test_batch_keys_group_requests_that_can_share_a_denoising_batch():
     assert key(cover, sources=SOURCE) != key(GenerationParams(task_type="cover"), sources=SOURCE)
 
 
-def test_lora_is_refused():
-    with pytest.raises(InvalidArgument, match="lora_id"):
-        plan(GenerationParams(lora_id="my-style"))
+def test_lora_blend_is_planned_without_splitting_batches():
+    blended = plan(GenerationParams(lora_id="my-style", lora_scale=0.5, loras=[("other", 1.0), ("off", 0.0)]))
+    assert blended.loras == (("my-style", 0.5), ("other", 1.0))  # scale 0 is no adapter at all
+    assert blended.batch_key == plan(GenerationParams()).batch_key
+    with pytest.raises(InvalidArgument, match=r"loras\[0\].scale must be in \[0.0, 1.0\]"):
+        plan(GenerationParams(loras=[("other", 1.5)]))
 
 
 def test_silent_reference_audio_is_refused():

@@ -72,3 +72,11 @@ def test_unknown_fields_in_a_file_are_refused(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"captoin": "typo"}))
     with pytest.raises(SystemExit, match="captoin"):
         _parse("--params", str(bad))
+
+
+def test_lora_flags_blend_adapters() -> None:
+    params, _ = _parse("--lora", "style-a", "--lora", "style-b:0.25", "--lora-id", "base-style", "--lora-scale", "0.5")
+    assert params.loras == [("style-a", 1.0), ("style-b", 0.25)]
+    assert (params.lora_id, params.lora_scale) == ("base-style", 0.5)
+    with pytest.raises(SystemExit):
+        _parse("--lora", "style-a:loud")

@@ -232,6 +232,43 @@ def test_codes_phase_without_target_allows_only_codes_and_eos_at_any_step(tokeni
     assert constraint.is_finished
 
 
+def _window_allows(window) -> list[int]:
+    ids = window.ids if window.blocked is None else window.ids[~window.blocked]
+    return ids.tolist()
+
+
+def _row_allows(constraint, vocab: ConstraintVocab) -> list[int]:
+    logits = torch.randn(vocab.num_tokens + NUM_PADDED, generator=torch.Generator().manual_seed(0))
+    return torch.isfinite(constraint.mask_logits(logits)).nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("target", [None, 3])
+def test_the_codes_window_allows_exactly_what_the_mask_allows_at_every_step(tokenizer, vocab, target):
+    """The engine decides codes-phase rows inside the window (and may compute only its head rows)."""
+    constraint = build_constraint(vocab, ConstraintSpec(phase="codes", target_codes=target), encode(tokenizer, "</think>"))
+    windows = set()
+    for step in range(5):
+        window = constraint.allowed_window()
+        windows.add(id(window.ids))
+        assert _window_allows(window) == _row_allows(constraint, vocab), f"step {step}"
+        constraint.advance(vocab.code_start_id + step)
+    assert len(windows) == 1  # one window tensor for the whole phase: requests batch together
+    assert window.ids.tolist() == [vocab.eos_id] + list(range(vocab.code_start_id, vocab.code_end_id))
+    debug = build_constraint(vocab, ConstraintSpec(phase="codes", debug=True), encode(tokenizer, "</think>"))
+    assert debug.allowed_window() is None  # debug logging needs mask_logits at every step
+
+
+def test_the_metadata_machine_declares_the_codes_window_only_in_the_codes_state(tokenizer, vocab):
+    spec = ConstraintSpec(phase="codes", target_codes=4, skip_caption=True, skip_language=True)
+    constraint = build_constraint(vocab, spec, encode(tokenizer, "<|im_start|>assistant\n"))
+    assert isinstance(constraint, MetadataConstraint) and constraint.allowed_window() is None
+    for token in encode(tokenizer, "<think>\nbpm: 120\nduration: 30\nkeyscale: C major\ntimesignature: 4\n</think>"):
+        constraint.mask_logits(torch.zeros(vocab.num_tokens))
+        constraint.advance(token)
+    assert constraint.state_name == "CODES_GENERATION"
+    assert _window_allows(constraint.allowed_window()) == _row_allows(constraint, vocab)
+
+
 def test_codes_phase_prompt_without_think_end_writes_the_cot_first(tokenizer, vocab):
     spec = ConstraintSpec(phase="codes", target_codes=152, skip_caption=True, skip_language=True)
     ids = run_adversarial(tokenizer, vocab, spec, seed=3, prompt=encode(tokenizer, "<|im_start|>assistant\n"))

@@ -32,8 +32,10 @@ def _distinct_value(field: dataclasses.Field, rng: random.Random):
         return [0.9, 0.5, 0.25]
     if name == "track_classes" or name == "genres":
         return ["drums", "bass"]
-    if name == "seeds":
+    if name in ("seeds", "retake_seeds"):
         return [7, 2**32 - 1, -1]
+    if name == "loras":
+        return [("style-a", 0.5), ("style-b", 1.0)]
     if "bool" in kind:
         return not field.default
     if "int" in kind:

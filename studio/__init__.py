@@ -1,0 +1,1 @@
+"""The studio: a web page (Gradio) on port 7865 in front of the gateway, a gRPC client only."""

@@ -36,6 +36,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--model", default=env_default("dit_model", "acestep-v15-turbo"),
                         help="DiT folder under --checkpoints (turbo, base, sft, ...)")
     parser.add_argument("--device", default=env_default("dit_device", "cpu"), help="cpu or cuda:N")
+    parser.add_argument("--vae-device", default=env_default("dit_vae_device", ""),
+                        help="device of the VAE (cpu or cuda:N); default: --device. Decode runs on its own "
+                             "thread either way, overlapping the next batch's diffusion")
+    parser.add_argument("--vae-queue-batches", type=int, default=env_default("dit_vae_queue_batches", 1, int),
+                        help="denoised batches that may wait for the VAE decode before diffusion pauses; "
+                             "0: decode on the diffusion thread (no pipelining)")
     parser.add_argument("--dtype", default=env_default("dit_dtype", "auto"), choices=["auto", *DTYPES],
                         help="auto: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--max-batch-items", type=int, default=env_default("dit_max_batch_items", 8, int))
@@ -65,11 +71,15 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    if args.vae_queue_batches < 0:
+        raise InvalidArgument(f"--vae-queue-batches must be >= 0, got {args.vae_queue_batches}",
+                              field="vae_queue_batches")
     for name in ("lora_cache_mb", "lora_max_upload_mb"):
         if not getattr(args, name) > 0:
             raise InvalidArgument(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}", field=name)
     return EngineConfig(max_batch_items=args.max_batch_items, max_queue=args.max_queue,
                         batch_window_s=args.batch_window_ms / 1000.0,
+                        vae_queue_batches=args.vae_queue_batches,
                         lora_dir=Path(args.lora_dir or Path(args.checkpoints) / "loras"),
                         lora_cache_bytes=int(args.lora_cache_mb * MIB),
                         lora_max_upload_bytes=int(args.lora_max_upload_mb * MIB))
@@ -79,8 +89,9 @@ async def serve(args: argparse.Namespace) -> None:
     config = server_config_from_args("acestep-dit", args)
     setup_tracing(config.service_name, config.otlp_endpoint)
     dtype = resolve_dtype(args.dtype, args.device)
+    vae_device = args.vae_device or args.device
     pipeline = await asyncio.to_thread(DitPipeline.load, args.checkpoints, args.model, args.device, dtype,
-                                       EncodeMode(args.vae_encode))
+                                       EncodeMode(args.vae_encode), vae_device)
     engine = DitEngine(pipeline, engine_config(args))
     binding = ServiceBinding(dit_pb2_grpc.add_DitServiceServicer_to_server, DitServicer(engine),
                              "acestep.dit.v1.DitService")
@@ -92,7 +103,8 @@ async def serve(args: argparse.Namespace) -> None:
         await engine.warm_up()
     await server.mark_serving()
     write_port_file(args.port_file, port, server.metrics_port)
-    log.info("DiT service serving %s (%s, %s) on port %d", args.model, args.device, dtype, port)
+    log.info("DiT service serving %s (%s, VAE on %s, %s) on port %d", args.model, args.device, vae_device, dtype,
+             port)
     await server.wait()
     await engine.stop()
 

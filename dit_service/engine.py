@@ -69,6 +69,7 @@ class EngineConfig:
     max_source_s: float = DURATION_MAX_S
     file_chunk_bytes: int = DEFAULT_CHUNK_BYTES
     pcm_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    vae_queue_batches: int = 1                 # denoised batches waiting for the VAE; 0: decode inline
     lora_dir: Optional[Path] = None             # adapter folders (<checkpoints>/loras); None: no adapters
     lora_cache_bytes: int = 1024 * 1024 * 1024  # device memory for loaded adapters
     lora_max_upload_bytes: int = 1024 * 1024 * 1024
@@ -81,7 +82,7 @@ class DitEngine:
         self.pipeline = pipeline
         self.config = config
         self.worker = BatchWorker(pipeline, file_chunk_bytes=config.file_chunk_bytes,
-                                  pcm_chunk_bytes=config.pcm_chunk_bytes)
+                                  pcm_chunk_bytes=config.pcm_chunk_bytes, decode_queue_batches=config.vae_queue_batches)
         self.batcher = Batcher(self.worker.run, max_batch_items=config.max_batch_items, max_queue=config.max_queue,
                                batch_window_s=config.batch_window_s)
         registry = RegistryConfig(config.lora_dir, config.lora_cache_bytes, config.lora_max_upload_bytes)
@@ -95,7 +96,7 @@ class DitEngine:
 
     async def stop(self) -> None:
         await self.batcher.stop()
-        self.worker.close()
+        await asyncio.to_thread(self.worker.close)  # the decode thread still emits through the loop
 
     async def warm_up(self) -> None:
         """Run one short text2music item through every stage (allocations, kernels, caches)."""

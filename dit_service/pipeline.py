@@ -52,7 +52,8 @@ class PreparedBatch:
 
 
 class DitPipeline:
-    """Holds the components on one device and dtype; all methods run on the worker thread."""
+    """Holds the components (the VAE possibly on its own device). ``decode_tiles`` runs on the decode
+    thread, the other methods on the diffusion worker thread."""
 
     def __init__(self, dit: LoadedDiT, text_encoder: TextEncoder, vae: Vae, *, name: str,
                  vae_encode_mode: EncodeMode = EncodeMode.SAMPLE) -> None:
@@ -80,10 +81,12 @@ class DitPipeline:
 
     @classmethod
     def load(cls, checkpoints: str | Path, model_name: str, device: str, dtype: torch.dtype,
-             vae_encode_mode: EncodeMode = EncodeMode.SAMPLE) -> DitPipeline:
+             vae_encode_mode: EncodeMode = EncodeMode.SAMPLE, vae_device: Optional[str] = None) -> DitPipeline:
         """Load ``<checkpoints>/<model_name>``, ``Qwen3-Embedding-0.6B`` and ``vae``.
 
-        The VAE runs in float32 on CPU devices and in ``dtype`` elsewhere (the reference's policy).
+        The VAE lives on ``vae_device`` (default: ``device``), in float32 on a CPU and in ``dtype``
+        elsewhere (the reference's policy). Its decoded tiles come back on the CPU and its encoded
+        latents are moved to ``device``, so the two devices never meet inside one computation.
         """
         root = Path(checkpoints)
         dit_dir = root / model_name
@@ -91,8 +94,9 @@ class DitPipeline:
             raise InvalidArgument(f"no DiT checkpoint at {dit_dir} (config.json missing)", field="model")
         dit = load_dit(dit_dir, dtype=dtype, device=device)
         text_encoder = TextEncoder.load(root / TEXT_ENCODER_DIR, dtype=dtype, device=device)
-        vae_dtype = torch.float32 if torch.device(device).type == "cpu" else dtype
-        vae = Vae.load(root / VAE_DIR, dtype=vae_dtype, device=device)
+        vae_device = vae_device or device
+        vae_dtype = torch.float32 if torch.device(vae_device).type == "cpu" else dtype
+        vae = Vae.load(root / VAE_DIR, dtype=vae_dtype, device=vae_device)
         return cls(dit, text_encoder, vae, name=model_name, vae_encode_mode=vae_encode_mode)
 
     @property

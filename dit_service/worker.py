@@ -1,19 +1,27 @@
-"""What the DiT worker thread does with one batch: prepare, denoise, decode and stream.
+"""What the DiT worker threads do with one batch: prepare, denoise, decode and stream.
 
-Runs on the batcher's single worker thread (the GPU owner). Finished items are handed to a small
-CPU pool that post-processes and encodes the file, so the worker moves on to the next batch while
-files are being written. Failures that concern one request (its source audio, NaN latents in its
-rows, its file) fail that request only; the batch carries on with the others.
+Diffusion runs on the batcher's worker thread (the DiT device's owner). With a decode queue
+(``decode_queue_batches >= 1``, the default) the denoised latents are handed to a second thread
+that owns the VAE decode, so diffusion of batch N+1 runs while batch N decodes; the hand-off
+queue is bounded and diffusion waits when it is full (back-pressure: at most
+``decode_queue_batches + 1`` batches of latents wait or decode). With ``decode_queue_batches=0``
+the decode runs inline on the diffusion thread. Both paths run the same code on the same tensors,
+so they produce the same bytes. Finished items go to a small CPU pool that post-processes and
+encodes the file. Failures that concern one request (its source audio, NaN latents in its rows,
+its file) fail that request only; a decode that raises fails the requests of that batch only.
+Rows of a request cancelled while its batch waits or decodes are no longer decoded.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+import queue
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from torch import Tensor
@@ -25,12 +33,13 @@ from dit_service.planning import RequestPlan, RowSpec
 from dit_service.vae import check_latents
 from shared import metrics
 from shared.audio import encode_audio, is_output_silent, pcm16_chunks, postprocess_output, split_bytes
-from shared.errors import AceStepError, Cancelled, Internal
+from shared.errors import AceStepError, Cancelled, Internal, InvalidArgument
 
 log = logging.getLogger(__name__)
 
 PCM_BYTES_PER_FRAME = 4  # stereo, 16-bit
 ENCODER_THREADS = 2
+BUSY_WINDOW_S = 30.0
 
 
 class RequestState:
@@ -72,23 +81,45 @@ class RequestState:
 class BatchWorker:
     """The batcher's work function (:meth:`run`) plus the file-encoding pool."""
 
-    def __init__(self, pipeline: DitPipeline, *, file_chunk_bytes: int, pcm_chunk_bytes: int) -> None:
+    def __init__(self, pipeline: DitPipeline, *, file_chunk_bytes: int, pcm_chunk_bytes: int,
+                 decode_queue_batches: int = 1) -> None:
+        if decode_queue_batches < 0:
+            raise InvalidArgument(f"decode_queue_batches must be >= 0, got {decode_queue_batches}",
+                                  field="decode_queue_batches")
         self.pipeline = pipeline
         self.file_chunk_bytes = file_chunk_bytes
         self.pcm_chunk_samples = max(1, pcm_chunk_bytes // PCM_BYTES_PER_FRAME)
         self._encoders = concurrent.futures.ThreadPoolExecutor(ENCODER_THREADS, thread_name_prefix="dit-encode")
+        self._diffusion_busy = BusyMeter("diffusion")
+        self.decoder = DecodeStage(self._decode_job, decode_queue_batches) if decode_queue_batches else None
 
     def close(self) -> None:
+        """Decode what was handed off, then write the remaining files."""
+        if self.decoder is not None:
+            self.decoder.close()
         self._encoders.shutdown(wait=True)
 
     def run(self, batch: Batch) -> None:
-        """Synthesize the batch's rows; emits every event and ends each request it completes."""
+        """Synthesize the batch's rows; emits every event and ends each request it completes.
+
+        With a decode stage it returns once the latents are handed off (waiting while the queue is full).
+        """
+        with self._diffusion_busy:
+            job = self._diffuse(batch)
+        if job is None:
+            return
+        if self.decoder is None:
+            self._decode_job(job)
+        else:
+            self.decoder.put(job)
+
+    def _diffuse(self, batch: Batch) -> DecodeJob | None:
         failed: set[str] = set()
         for request_id, state in _states(batch).items():
             self._guard(batch, request_id, failed, lambda s=state: self.pipeline.prepare_sources(s.plan))
         active = [i for i in batch.live_rows() if batch.rows[i].request_id not in failed]
         if not active:
-            return
+            return None
         live = _live_subset(batch, active, failed)
         self._progress(batch, active, live, Progress("conditioning", 0.0, message="encoding text and audio"))
         started = time.perf_counter()
@@ -96,9 +127,24 @@ class BatchWorker:
         self._add_time(batch, active, "dit_conditioning_time", started)
         metrics.DIT_CONDITION_SECONDS.observe(time.perf_counter() - started)
         latents = self._denoise(batch, active, prepared, live)
-        if latents is not None:
-            self._check(batch, active, latents, failed)
-            self._decode(batch, active, prepared, latents, live)
+        if latents is None:
+            return None
+        self._check(batch, active, latents, failed)
+        return DecodeJob(batch, active, prepared, latents, live)
+
+    def _decode_job(self, job: DecodeJob) -> None:
+        """Decode one handed-off batch; an error fails the requests of that batch only."""
+        if not job.live():
+            return  # every row was cancelled while the batch waited
+        try:
+            self._decode(job.batch, job.active, job.prepared, job.latents, job.live)
+        except AceStepError as error:
+            for request_id in dict.fromkeys(job.batch.rows[i].request_id for i in job.active):
+                job.batch.fail(request_id, error)
+        except Exception as exc:  # noqa: BLE001 - logged here, clients get a generic INTERNAL
+            log.error("VAE decode failed", exc_info=exc)
+            for request_id in dict.fromkeys(job.batch.rows[i].request_id for i in job.active):
+                job.batch.fail(request_id, Internal("VAE decode failed with an internal error"))
 
     def _denoise(self, batch: Batch, active: list[int], prepared: PreparedBatch, live: Callable) -> Tensor | None:
         started = last = time.perf_counter()
@@ -224,3 +270,81 @@ def _live_subset(batch: Batch, active: list[int], failed: set[str]) -> Callable[
         return [j for j, i in enumerate(active) if i in alive and batch.rows[i].request_id not in failed]
 
     return live
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    """Denoised latents ``[B, T, 64]`` of ``batch`` rows ``active``, waiting for the VAE."""
+
+    batch: Batch
+    active: list[int]
+    prepared: PreparedBatch
+    latents: Tensor
+    live: Callable[[], list[int]]
+
+
+class BusyMeter:
+    """Context manager timing one stage's work: a busy-seconds counter and the busy fraction of
+    the last window of ``BUSY_WINDOW_S`` seconds (1.0: the stage never waited)."""
+
+    def __init__(self, stage: str) -> None:
+        self._seconds = metrics.DIT_STAGE_BUSY_SECONDS.labels(stage)
+        self._fraction = metrics.DIT_STAGE_BUSY_FRACTION.labels(stage)
+        self._window_start = time.perf_counter()
+        self._window_busy = 0.0
+        self._started = 0.0
+
+    def __enter__(self) -> BusyMeter:
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        now = time.perf_counter()
+        busy = now - self._started
+        self._seconds.inc(busy)
+        self._window_busy += busy
+        elapsed = now - self._window_start
+        if elapsed > 0:
+            self._fraction.set(min(1.0, self._window_busy / elapsed))
+        if elapsed >= BUSY_WINDOW_S:
+            self._window_start, self._window_busy = now, 0.0
+
+
+class DecodeStage:
+    """A decode thread fed by a bounded queue of :class:`DecodeJob` (``put`` blocks when full)."""
+
+    def __init__(self, decode: Callable[[DecodeJob], None], max_batches: int) -> None:
+        self.max_batches = max_batches
+        self.is_waiting_for_room = threading.Event()  # set while a put waits on a full queue
+        self._decode = decode
+        self._queue: queue.Queue[DecodeJob | None] = queue.Queue(max_batches)
+        self._busy = BusyMeter("decode")
+        self._thread = threading.Thread(target=self._loop, name="dit-decode", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        """Jobs waiting in the queue (not counting the one being decoded)."""
+        return self._queue.qsize()
+
+    def put(self, job: DecodeJob) -> None:
+        if self._queue.full():
+            metrics.DIT_DECODE_BACKPRESSURE.inc()
+            self.is_waiting_for_room.set()
+        self._queue.put(job)
+        self.is_waiting_for_room.clear()
+        metrics.DIT_DECODE_QUEUE_DEPTH.set(self._queue.qsize())
+
+    def close(self) -> None:
+        """Decode every queued job, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            metrics.DIT_DECODE_QUEUE_DEPTH.set(self._queue.qsize())
+            if job is None:
+                return
+            with self._busy:
+                self._decode(job)

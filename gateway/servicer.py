@@ -16,9 +16,13 @@ from shared.grpc_server import abort_with
 from shared.pb.acestep.common.v1 import common_pb2
 from shared.pb.acestep.gateway.v1 import gateway_pb2 as gw
 from shared.pb.acestep.gateway.v1 import gateway_pb2_grpc
+from shared.types import GenerationParams
+from shared.validation import lora_blend
 
 _ERRORS_BY_CODE = {cls.grpc_code_name: cls for cls in errors.AceStepError.__subclasses__()}
 MAX_LISTED_JOBS = 200
+LORA_DEFAULT = "lora_default"  # the job store preference holding a caller's serialized LoraDefault
+MAX_LORA_NAME_CHARS = 128
 
 
 def _deadline(context: grpc.aio.ServicerContext):
@@ -50,10 +54,32 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.jobs = jobs
         self.sources = orchestrator.sources = JobSources(jobs.store)  # retake/extend/edit read finished items
 
-    async def Generate(self, request: gw.GenerateRequest, context) -> AsyncIterator[gw.GenerateEvent]:
+    async def _start(self, request: gw.GenerateRequest, context, subscribe: bool = False):
+        """Start the caller's job, with its LoRA default when the request names no adapter."""
         caller = caller_of(context.invocation_metadata())
         await self.sources.check_owner(request.params, caller)
-        accepted, queue = await self.jobs.start_job(request, caller, subscribe=True)
+        from_default = await self._apply_lora_default(request.params, caller)
+        try:
+            return await self.jobs.start_job(request, caller, subscribe=subscribe)
+        except InvalidArgument as error:
+            if from_default and error.field in ("lora_id", "loras"):
+                raise InvalidArgument(f"{error.message} (from this API key's LoRA default: change it with "
+                                      "SetLoraDefault or POST /v1/lora/unload)", field=error.field) from None
+            raise
+
+    async def _apply_lora_default(self, params: common_pb2.GenerationParams, caller: str) -> bool:
+        """Blend the caller's enabled default into params that name no adapter; True when it did."""
+        if params.lora_id or params.loras or params.task_type == "retake":  # a retake replays its source
+            return False
+        stored = await self.jobs.store.get_preference(caller, LORA_DEFAULT)
+        default = gw.LoraDefault.FromString(stored) if stored else gw.LoraDefault()
+        if not default.enabled or not default.loras:
+            return False
+        params.loras.extend(common_pb2.LoraWeight(lora_id=e.lora_id, scale=e.scale) for e in default.loras)
+        return True
+
+    async def Generate(self, request: gw.GenerateRequest, context) -> AsyncIterator[gw.GenerateEvent]:
+        accepted, queue = await self._start(request, context, subscribe=True)
         request_id = accepted.accepted.request_id
         try:
             while True:
@@ -67,9 +93,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             self.jobs.leave(request_id, queue)
 
     async def Submit(self, request: gw.GenerateRequest, context) -> gw.SubmitResponse:
-        caller = caller_of(context.invocation_metadata())
-        await self.sources.check_owner(request.params, caller)
-        accepted, _ = await self.jobs.start_job(request, caller)
+        accepted, _ = await self._start(request, context)
         return gw.SubmitResponse(request_id=accepted.accepted.request_id,
                                  queue_position=accepted.accepted.queue_position)
 
@@ -129,3 +153,30 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     async def DeleteLora(self, request: common_pb2.DeleteLoraRequest, context) -> common_pb2.DeleteLoraResponse:
         return await self.orchestrator.loras.delete(request, _deadline(context))
+
+    async def GetLoraDefault(self, request: gw.GetLoraDefaultRequest, context) -> gw.GetLoraDefaultResponse:
+        stored = await self.jobs.store.get_preference(caller_of(context.invocation_metadata()), LORA_DEFAULT)
+        return gw.GetLoraDefaultResponse(lora_default=gw.LoraDefault.FromString(stored) if stored else None)
+
+    async def SetLoraDefault(self, request: gw.SetLoraDefaultRequest, context) -> gw.SetLoraDefaultResponse:
+        default = request.lora_default
+        _check_lora_default(default)
+        if default.loras:  # unknown adapters are refused now rather than at the next generation
+            await self.orchestrator.loras.check_known([e.lora_id for e in default.loras], _deadline(context))
+        value = default.SerializeToString() if default.loras else None
+        await self.jobs.store.set_preference(caller_of(context.invocation_metadata()), LORA_DEFAULT, value)
+        return gw.SetLoraDefaultResponse(lora_default=default if default.loras else None)
+
+
+def _check_lora_default(default: gw.LoraDefault) -> None:
+    """Ids, scales, count and uniqueness as a request's ``loras``; names unique printable text."""
+    lora_blend(GenerationParams(loras=[(e.lora_id, e.scale) for e in default.loras]))
+    names: set[str] = set()
+    for index, entry in enumerate(default.loras):
+        name = entry.name or entry.lora_id
+        if len(name) > MAX_LORA_NAME_CHARS or not name.isprintable():
+            raise InvalidArgument(f"loras[{index}].name must be printable text of at most {MAX_LORA_NAME_CHARS} "
+                                  f"characters, got {name[:40]!r}", field="loras")
+        if name in names:
+            raise InvalidArgument(f"loras[{index}].name {name!r} is used twice", field="loras")
+        names.add(name)

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 
 from http_service import compat_flow as flow
 from http_service import compat_io as io
+from http_service import compat_lora
 from http_service.compat_audio import file_url
 from http_service.compat_fields import is_instrumental, read_release_task, show
 from http_service.compat_results import ModelNames, missing_task, task_entry
@@ -169,6 +170,7 @@ def router(settings: Any) -> APIRouter:
         ("/health", "GET", health, "Whether the gateway behind this server is serving"),
     ):
         routes.add_api_route(path, handler, methods=[method], summary=f"{summary} (ACE-Step REST API)")
+    compat_lora.add_routes(routes, _ok)  # /v1/lora/*: the caller's LoRA default
     return routes
 
 

@@ -26,6 +26,13 @@ DIT_CONDITION_SECONDS = Histogram("acestep_dit_condition_seconds", "Conditioning
 DIT_DECODE_SECONDS = Histogram("acestep_dit_decode_seconds", "VAE decode of one item", buckets=_LATENCY_BUCKETS)
 DIT_ITEMS = Counter("acestep_dit_items_total", "Items synthesized, by outcome", ["outcome"])
 DIT_REJECTED = Counter("acestep_dit_rejected_total", "Requests refused at admission (queue full)")
+DIT_STAGE_BUSY_SECONDS = Counter("acestep_dit_stage_busy_seconds_total",
+                                 "Seconds a DiT worker stage spent working (rate() is its busy fraction)", ["stage"])
+DIT_STAGE_BUSY_FRACTION = Gauge("acestep_dit_stage_busy_fraction",
+                                "Share of the last window a DiT worker stage spent working", ["stage"])
+DIT_DECODE_QUEUE_DEPTH = Gauge("acestep_dit_decode_queue_depth", "Denoised batches waiting for the VAE decode")
+DIT_DECODE_BACKPRESSURE = Counter("acestep_dit_decode_backpressure_total",
+                                  "Times diffusion waited for room in the full decode queue")
 
 # LM service.
 LM_RUNNING_SEQUENCES = Gauge("acestep_lm_running_sequences", "Sequences in the engine's running batch")

@@ -105,7 +105,7 @@ def _add_stage_lines(result: SectionResult, workload: str, times: StageTimes) ->
     result.add(DIT_STAGES, workload, "total s", times.total_s)
 
 
-def run(spec: BenchSpec) -> SectionResult:
+def run(spec: BenchSpec, result: SectionResult) -> None:
     from dit_service.pipeline import DitPipeline
 
     device = torch.device(spec.device)
@@ -113,10 +113,10 @@ def run(spec: BenchSpec) -> SectionResult:
     pipeline = DitPipeline.load(spec.checkpoints, spec.dit_model, spec.device, dtype)
     timed_text = _TimedTextEncoder(pipeline.text_encoder, _sync_of(device))
     pipeline.text_encoder = timed_text
-    result = SectionResult(notes=[
+    result.notes.append(
         f"DiT: {spec.dit_model} ({spec.size}) on {spec.device}, {str(dtype).removeprefix('torch.')}, "
         "attention: torch SDPA with a dense additive mask (sliding layers: |i - j| <= sliding_window, "
-        "plus key padding), turbo: 8 steps"])
+        "plus key padding), turbo: 8 steps")
     weights_gib = torch.cuda.memory_allocated(device) / 2**30 if spec.is_cuda else None
     run_batch(pipeline, timed_text, 1, min(spec.durations_s))  # warm-up: allocations, kernel choice
     if spec.is_cuda:
@@ -142,7 +142,6 @@ def run(spec: BenchSpec) -> SectionResult:
         result.add(MEMORY, "DiT service (in process)", memory_metric(True), torch.cuda.max_memory_allocated(device) / 2**30)
     else:
         result.add(MEMORY, "DiT service (in process)", memory_metric(False), peak_host_rss_gib())
-    return result
 
 
 if __name__ == "__main__":

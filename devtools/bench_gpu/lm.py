@@ -81,8 +81,7 @@ def _add_ratios(spec: BenchSpec, result: SectionResult, rates: dict[tuple[float,
                        rates[unguided, concurrency] / rates[guided, concurrency])
 
 
-def run(spec: BenchSpec) -> SectionResult:
-    result = SectionResult()
+def run(spec: BenchSpec, result: SectionResult) -> None:
     free_before = torch.cuda.mem_get_info()[0] if spec.is_cuda else 0
     least_free = asyncio.run(_measure(spec, result))
     if spec.is_cuda:
@@ -94,7 +93,6 @@ def run(spec: BenchSpec) -> SectionResult:
     else:
         result.add(MEMORY, "LM service (in process)", memory_metric(False), peak_host_rss_gib(),
                    note="this process only: a vLLM engine core runs in a process of its own")
-    return result
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--reference-rev", default="HEAD")
     parser.add_argument("--reference-model-code", default="", help="folder with the reference DiT's modeling files")
     parser.add_argument("--reference-requests", type=int, default=4, help="full requests the reference runs in turn")
+    parser.add_argument("--reference-lm-concurrency", type=int, nargs="+", default=[],
+                        help="plans at once on the reference LM (default: --lm-concurrency)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of the whole run")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
@@ -89,20 +91,22 @@ def prepare_checkpoints(args: argparse.Namespace) -> tuple[Path, str, str]:
 
 
 def run_section(name: str, spec_path: Path, work: Path, timeout_s: float) -> tuple[Optional[SectionResult], str]:
-    """Run one section process; returns its result, or None and why."""
+    """Run one section process; returns what it measured (None if nothing) and what went wrong ("" if nothing)."""
     result_path, log_path = work / f"{name}.result.json", work / f"{name}.log"
     command = [sys.executable, "-m", f"devtools.bench_gpu.{name}", str(spec_path), str(result_path)]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             process.wait(timeout=max(1.0, timeout_s))
+            problem = ""
         except subprocess.TimeoutExpired:
             _stop_group(process)
-            return None, f"timed out after {timeout_s:.0f} s (log: {log_path})"
-    if process.returncode != 0 or not result_path.is_file():
+            problem = f"timed out after {timeout_s:.0f} s, lines measured before kept (log: {log_path})"
+    if not problem and process.returncode != 0:
         lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
-        return None, f"failed ({lines[-1].strip() if lines else f'exit {process.returncode}'}; log: {log_path})"
-    return SectionResult.from_json(result_path.read_text(encoding="utf-8")), ""
+        problem = f"failed ({lines[-1].strip() if lines else f'exit {process.returncode}'}; log: {log_path})"
+    partial = SectionResult.from_json(result_path.read_text(encoding="utf-8")) if result_path.is_file() else None
+    return partial, problem
 
 
 def _stop_group(process: subprocess.Popen) -> None:
@@ -136,6 +140,7 @@ def build_spec(args: argparse.Namespace, checkpoints: Path, lm_dir: str, work: P
                      lm_concurrency=tuple(args.lm_concurrency), stack_requests=args.stack_requests,
                      stack_duration_s=args.stack_duration, reference_dir=args.reference_dir,
                      reference_model_code=args.reference_model_code, reference_requests=args.reference_requests,
+                     reference_lm_concurrency=tuple(args.reference_lm_concurrency),
                      work_dir=str(work))
 
 
@@ -187,7 +192,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"\n{title}\n")
     print(report.text_table(lines, unavailable))
     print("\n" + "\n".join(report.footnotes(unavailable, notes)))
-    meta = {"title": title, "date": date, "hardware": hardware(args.device), "spec": spec.__dict__}
+    meta = {"title": title, "date": date, "hardware": hardware(args.device), "spec": json.loads(spec.to_json())}
     json_path, md_path = report.write_outputs(args.out, title, lines, unavailable, notes, meta)
     print(f"\nwritten: {json_path}, {md_path}")
     return 0

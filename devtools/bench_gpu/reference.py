@@ -164,12 +164,12 @@ def _run_dit(spec: BenchSpec, handler: Any, result: SectionResult) -> None:
             workload = stage_workload(duration_s, batch)
             for metric, value in (("text encode s", text_s or None), ("condition encoders s", condition_s),
                                   ("diffusion s", diffusion_s), ("VAE decode s", decode_s), ("total s", timing["wall_s"])):
-                result.lines.append(Line(DIT_STAGES, workload, metric, reference=value))
+                result.put(Line(DIT_STAGES, workload, metric, reference=value))
             rates[batch] = batch / timing["wall_s"]
-            result.lines.append(Line(DIT_THROUGHPUT, workload, "items/s", reference=rates[batch]))
+            result.put(Line(DIT_THROUGHPUT, workload, "items/s", reference=rates[batch]))
         low, high = min(spec.batches), max(spec.batches)
         if high != low:
-            result.lines.append(Line(DIT_THROUGHPUT, f"{duration_s:g} s song", f"batch {high} / batch {low} items/s x",
+            result.put(Line(DIT_THROUGHPUT, f"{duration_s:g} s song", f"batch {high} / batch {low} items/s x",
                                      reference=rates[high] / rates[low]))
 
 
@@ -181,7 +181,7 @@ def _load_lm(spec: BenchSpec, checkout: Path):
     message, ok = handler.initialize(str(checkout / "checkpoints"), REFERENCE_LM_DIR, backend=backend, device=spec.device)
     if not ok:
         raise Unavailable(f"LLMHandler.initialize failed: {_plain(message)}")
-    return handler
+    return handler, _plain(message)
 
 
 def _plan_codes(handler: Any, spec: BenchSpec, concurrency: int, cfg_scale: float) -> int:
@@ -199,20 +199,21 @@ def _plan_codes(handler: Any, spec: BenchSpec, concurrency: int, cfg_scale: floa
 
 def _run_lm(spec: BenchSpec, handler: Any, result: SectionResult) -> None:
     _plan_codes(handler, spec, 1, 1.0)  # warm-up
+    concurrencies = spec.reference_lm_concurrency or spec.lm_concurrency
     rates: dict[tuple[float, int], float] = {}
-    for cfg_scale in spec.lm_cfg_scales:
-        for concurrency in spec.lm_concurrency:
+    for concurrency in concurrencies:
+        for cfg_scale in spec.lm_cfg_scales:
             started = time.perf_counter()
             num_codes = _plan_codes(handler, spec, concurrency, cfg_scale)
             rates[cfg_scale, concurrency] = num_codes / (time.perf_counter() - started)
-            result.lines.append(Line(LM, lm_workload(concurrency, cfg_scale, spec.lm_codes), "codes/s",
-                                     reference=rates[cfg_scale, concurrency]))
-    low, high = min(spec.lm_concurrency), max(spec.lm_concurrency)
+            result.put(Line(LM, lm_workload(concurrency, cfg_scale, spec.lm_codes), "codes/s",
+                            reference=rates[cfg_scale, concurrency]))
+    low, high = min(concurrencies), max(concurrencies)
     for cfg_scale in spec.lm_cfg_scales:
         if high != low:
             guidance = f"CFG {cfg_scale:g}" if cfg_scale > 1.0 else "no CFG"
-            result.lines.append(Line(LM, f"{guidance}, {spec.lm_codes} codes each", f"{high} vs {low} concurrent codes/s x",
-                                     reference=rates[cfg_scale, high] / rates[cfg_scale, low]))
+            result.put(Line(LM, f"{guidance}, {spec.lm_codes} codes each", f"{high} vs {low} concurrent codes/s x",
+                            reference=rates[cfg_scale, high] / rates[cfg_scale, low]))
 
 
 def _run_end_to_end(spec: BenchSpec, dit: Any, lm: Any, result: SectionResult) -> None:
@@ -231,10 +232,10 @@ def _run_end_to_end(spec: BenchSpec, dit: Any, lm: Any, result: SectionResult) -
         walls.append(time.perf_counter() - started)
         if not getattr(out, "success", False):
             raise RuntimeError(f"generate_music failed: {_plain(getattr(out, 'error', '') or '')}")
-    result.lines.append(Line(FIRST_PCM, f"{spec.stack_duration_s:g} s song, 1 full request", "first PCM chunk s",
+    result.put(Line(FIRST_PCM, f"{spec.stack_duration_s:g} s song, 1 full request", "first PCM chunk s",
                              reference=walls[1], note="the reference returns audio only when the request is done"))
     timed = walls[1:]
-    result.lines.append(Line(END_TO_END, f"{spec.stack_requests} concurrent requests, {spec.stack_duration_s:g} s songs",
+    result.put(Line(END_TO_END, f"{spec.stack_requests} concurrent requests, {spec.stack_duration_s:g} s songs",
                              "songs/min", reference=60.0 * len(timed) / sum(timed),
                              note=f"reference: {len(timed)} requests one after another (one worker)"))
 
@@ -246,16 +247,16 @@ def _attempt(result: SectionResult, groups: tuple[str, ...], part: Callable[[], 
     except Exception as error:  # the reference's own failures become table notes, never a crash of the bench
         for group in groups:
             result.unavailable.setdefault(group, reason_of(error))
+        result.flush()
         return None
 
 
-def run(spec: BenchSpec) -> SectionResult:
-    result = SectionResult()
+def run(spec: BenchSpec, result: SectionResult) -> None:
     checkout = Path(spec.reference_dir).resolve()
     if not (checkout / "acestep").is_dir():
         reason = f"no checkout at {spec.reference_dir} (make reference-checkout REFERENCE_SRC=<git dir or URL>)"
         result.unavailable = {group: reason for group in (DIT_STAGES, DIT_THROUGHPUT, LM, FIRST_PCM, END_TO_END, MEMORY)}
-        return result
+        return
     revision = (checkout / REVISION_FILE).read_text(encoding="utf-8").strip() if (checkout / REVISION_FILE).is_file() else "?"
     result.notes.append(f"reference: ace-step/ACE-Step-1.5 at {revision[:12]} from {spec.reference_dir}")
     code_reason = prepare_view(spec, checkout)
@@ -263,8 +264,10 @@ def run(spec: BenchSpec) -> SectionResult:
     dit = _attempt(result, (DIT_STAGES, DIT_THROUGHPUT, FIRST_PCM, END_TO_END), lambda: _load_dit(spec, checkout, code_reason))
     if dit is not None:
         _attempt(result, (DIT_STAGES, DIT_THROUGHPUT), lambda: _run_dit(spec, dit, result))
-    lm = _attempt(result, (LM, FIRST_PCM, END_TO_END), lambda: _load_lm(spec, checkout))
+    loaded = _attempt(result, (LM, FIRST_PCM, END_TO_END), lambda: _load_lm(spec, checkout))
+    lm = loaded[0] if loaded else None
     if lm is not None:
+        result.notes.append(f"reference LM: {loaded[1]}")
         _attempt(result, (LM,), lambda: _run_lm(spec, lm, result))
     if dit is not None and lm is not None:
         _attempt(result, (FIRST_PCM, END_TO_END), lambda: _run_end_to_end(spec, dit, lm, result))
@@ -272,8 +275,7 @@ def run(spec: BenchSpec) -> SectionResult:
         result.unavailable.setdefault(MEMORY, "neither the reference's DiT nor its LM loaded")
     else:
         peak = torch.cuda.max_memory_allocated() / 2**30 if spec.is_cuda else peak_host_rss_gib()
-        result.lines.append(Line(MEMORY, "DiT + LM (in process)", memory_metric(spec.is_cuda), reference=peak))
-    return result
+        result.put(Line(MEMORY, "DiT + LM (in process)", memory_metric(spec.is_cuda), reference=peak))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ class BenchSpec:
     reference_dir: str = ".reference/ACE-Step-1.5"
     reference_model_code: str = ""     # folder with the reference's DiT modeling files, if not in the checkout
     reference_requests: int = 4        # full requests the reference runs one after another
+    reference_lm_concurrency: tuple[int, ...] = ()  # plans at once on the reference LM; () = lm_concurrency
     work_dir: str = ""                 # scratch space of the sections
 
     @property
@@ -62,7 +63,7 @@ class BenchSpec:
     @classmethod
     def from_json(cls, text: str) -> "BenchSpec":
         data = json.loads(text)
-        for name in ("durations_s", "batches", "lm_concurrency", "lm_cfg_scales"):
+        for name in ("durations_s", "batches", "lm_concurrency", "lm_cfg_scales", "reference_lm_concurrency"):
             data[name] = tuple(data[name])
         return cls(**data)
 
@@ -91,9 +92,20 @@ class SectionResult:
     lines: list[Line] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     unavailable: dict[str, str] = field(default_factory=dict)
+    sink: Optional[Path] = field(default=None, repr=False, compare=False)  # rewritten after every line
+
+    def put(self, line: Line) -> None:
+        """Keep ``line`` (and write the result so far to ``sink``: a section stopped at its time limit
+        still reports what it measured)."""
+        self.lines.append(line)
+        self.flush()
 
     def add(self, group: str, workload: str, metric: str, value: Optional[float], note: str = "") -> None:
-        self.lines.append(Line(group, workload, metric, ours=value, note=note))
+        self.put(Line(group, workload, metric, ours=value, note=note))
+
+    def flush(self) -> None:
+        if self.sink is not None:
+            self.sink.write_text(self.to_json(), encoding="utf-8")
 
     def to_json(self) -> str:
         return json.dumps({"lines": [asdict(line) for line in self.lines], "notes": self.notes,
@@ -118,22 +130,26 @@ def peak_host_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def section_main(run: Callable[[BenchSpec], SectionResult], argv: Optional[list[str]] = None) -> int:
-    """``python -m devtools.bench_gpu.<section> SPEC.json RESULT.json``: run, write the result.
+def section_main(run: Callable[[BenchSpec, SectionResult], None], argv: Optional[list[str]] = None) -> int:
+    """``python -m devtools.bench_gpu.<section> SPEC.json RESULT.json``: run, writing lines as they come.
 
-    An exception is written to stderr and the exit status is 1; the orchestrator reports it.
+    An exception is written to stderr and the exit status is 1; the orchestrator reports it (with
+    the lines written before it).
     """
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
         print("usage: python -m devtools.bench_gpu.<section> SPEC.json RESULT.json", file=sys.stderr)
         return 2
     spec = BenchSpec.from_json(Path(args[0]).read_text(encoding="utf-8"))
+    result = SectionResult(sink=Path(args[1]))
+    result.flush()
     try:
-        result = run(spec)
-    except Exception:  # reported by the orchestrator from stderr, next to the lines that are missing
+        run(spec, result)
+    except Exception:  # reported by the orchestrator from the log, next to the lines that are missing
         traceback.print_exc()
         return 1
-    Path(args[1]).write_text(result.to_json(), encoding="utf-8")
+    finally:
+        result.flush()
     return 0
 
 

@@ -105,13 +105,12 @@ def _measure(spec: BenchSpec, stack, result: SectionResult) -> None:
     client.close()
 
 
-def run(spec: BenchSpec) -> SectionResult:
+def run(spec: BenchSpec, result: SectionResult) -> None:
     from gateway.serve import LocalStack
 
     workdir = Path(tempfile.mkdtemp(prefix="acestep-bench-stack-", dir=spec.work_dir or None))
     stack = LocalStack(Path(spec.checkpoints), lm_model=spec.lm_model, dit_model=spec.dit_model, device=spec.device,
                        extra_env=_stack_env(spec), workdir=workdir)
-    result = SectionResult()
     try:
         started = time.perf_counter()
         stack.start(timeout_s=START_TIMEOUT_S)
@@ -129,7 +128,6 @@ def run(spec: BenchSpec) -> SectionResult:
                 result.add(MEMORY, f"{name} service (stack)", memory_metric(False), mib / 1024)
     finally:
         stack.stop()
-    return result
 
 
 if __name__ == "__main__":

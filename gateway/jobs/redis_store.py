@@ -14,6 +14,7 @@ touch several keys, so Redis Cluster is not supported):
 * ``lease:<id>`` (owner replica, with a TTL) and ``cancel:<id>`` (a cancellation request).
 * ``caller:<caller>`` sorted set by creation time (``list``), ``unfinished`` set (``recover``),
   ``finished`` sorted set by end time (``sweep``).
+* ``prefs:<caller>`` hash: the caller's preferences (name -> value), never swept.
 
 Every change that must be atomic (create, append, set a state, fail an orphan, renew leases, sweep)
 is one Lua script.
@@ -282,6 +283,15 @@ class RedisJobStore:
     async def request_cancel(self, request_id: str) -> bool:
         keys = [self._key("job", request_id), self._key("lease", request_id), self._key("cancel", request_id)]
         return int(await self._scripts["request_cancel"](keys)) == 1
+
+    async def get_preference(self, caller: str, name: str) -> Optional[bytes]:
+        return await self._redis.hget(self._key("prefs", caller), name)
+
+    async def set_preference(self, caller: str, name: str, value: Optional[bytes]) -> None:
+        if value is None:
+            await self._redis.hdel(self._key("prefs", caller), name)
+        else:
+            await self._redis.hset(self._key("prefs", caller), name, bytes(value))
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -34,6 +34,8 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS files (
     request_id TEXT NOT NULL, item_index INTEGER NOT NULL, audio_format TEXT NOT NULL,
     size_bytes INTEGER NOT NULL, name TEXT NOT NULL, PRIMARY KEY (request_id, item_index));
+CREATE TABLE IF NOT EXISTS preferences (
+    caller TEXT NOT NULL, name TEXT NOT NULL, value BLOB NOT NULL, PRIMARY KEY (caller, name));
 """
 
 
@@ -225,6 +227,18 @@ class SqliteJobStore:
     async def request_cancel(self, request_id: str) -> bool:
         """Only this process runs jobs here: one its runner does not hold has no live owner."""
         return False
+
+    async def get_preference(self, caller: str, name: str) -> Optional[bytes]:
+        rows = await self._call(self._run, "SELECT value FROM preferences WHERE caller = ? AND name = ?",
+                                (caller, name))
+        return bytes(rows[0][0]) if rows else None
+
+    async def set_preference(self, caller: str, name: str, value: Optional[bytes]) -> None:
+        if value is None:
+            await self._call(self._run, "DELETE FROM preferences WHERE caller = ? AND name = ?", (caller, name))
+        else:
+            await self._call(self._run, "INSERT OR REPLACE INTO preferences (caller, name, value) VALUES (?, ?, ?)",
+                             (caller, name, bytes(value)))
 
     async def close(self) -> None:
         with self._lock:

@@ -9,6 +9,9 @@ log grows or the job ends. Events are stored as the serialized ``GenerateEvent``
 does not look inside them. A final state is final: ``append`` and ``set_state`` leave a final job
 as it is.
 
+Next to the jobs, a store keeps small per-caller values (``get_preference`` / ``set_preference``:
+opaque bytes under a name, last write wins), so that every gateway replica sees them.
+
 Ownership: a job is run by the store instance (gateway process) that created it. The runner renews
 the leases of the jobs it runs (``renew_leases``); ``recover`` ends the unfinished jobs whose owner
 is gone, appending the failure event and setting the state in one step so a follower that sees the
@@ -102,6 +105,13 @@ class JobStore(Protocol):
     async def request_cancel(self, request_id: str) -> bool:
         """Ask the job's owner to stop it (it sees the request at its next ``renew_leases``); True
         when a live owner holds the job, False when none does (``recover`` ends it)."""
+
+    async def get_preference(self, caller: str, name: str) -> Optional[bytes]:
+        """The caller's stored value named ``name`` (e.g. its LoRA default), or None."""
+
+    async def set_preference(self, caller: str, name: str, value: Optional[bytes]) -> None:
+        """Store (``None``: delete) one of the caller's values; every store instance sharing the
+        backend sees it at once. Preferences are not jobs: ``sweep`` leaves them."""
 
     async def close(self) -> None:
         ...

@@ -156,6 +156,30 @@ async def test_list_gives_a_callers_jobs_newest_first(backend: Backend) -> None:
     assert await reader.list("key:z", 10) == []
 
 
+async def test_preferences_are_per_caller_shared_and_outlive_a_restart(backend: Backend) -> None:
+    store = backend.open()
+    assert await store.get_preference("key:a", "lora_default") is None
+    await store.set_preference("key:a", "lora_default", b"\x00first")
+    await store.set_preference("key:a", "other", b"kept")
+    await store.set_preference("key:b", "lora_default", b"b's own")
+    peer = backend.peer(store)
+    assert await peer.get_preference("key:a", "lora_default") == b"\x00first"
+    await peer.set_preference("key:a", "lora_default", b"second")  # last write wins
+    assert await store.get_preference("key:a", "lora_default") == b"second"
+    await store.create("j", "key:a", 0.0)
+    await store.set_state("j", JobState.SUCCEEDED, 1.0)
+    assert await store.sweep(1000.0) == 1  # jobs go; preferences stay
+    successor = await backend.restarted(store)
+    assert [await successor.get_preference(caller, name) for caller, name in (
+        ("key:a", "lora_default"), ("key:a", "other"), ("key:b", "lora_default"), ("anonymous", "lora_default"))] == [
+        b"second", b"kept", b"b's own", None]
+    await successor.set_preference("key:a", "lora_default", None)
+    await successor.set_preference("key:c", "lora_default", None)  # deleting nothing is fine
+    assert await successor.get_preference("key:a", "lora_default") is None
+    assert await successor.get_preference("key:a", "other") == b"kept"
+    assert await successor.get_preference("key:b", "lora_default") == b"b's own"
+
+
 async def test_files_round_trip_and_only_issued_files_are_read(backend: Backend) -> None:
     store = backend.open()
     await store.create("f", "anonymous", 1.0)

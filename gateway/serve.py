@@ -175,11 +175,12 @@ class LocalStack:
     def start_backends(self) -> None:
         ckpt = str(self.checkpoints)
         if self.with_lm:
-            lm_model = self.lm_model or find_model(self.checkpoints, "acestep-5Hz-lm-", "acestep-5Hz-lm-1.7B")
+            lm_model = self.lm_model = self.lm_model or find_model(self.checkpoints, "acestep-5Hz-lm-",
+                                                                   "acestep-5Hz-lm-1.7B")
             for index in range(self.num_lm):
                 self._spawn(f"lm{index}", "lm_service",
                             ["--checkpoints", ckpt, "--model", lm_model, "--device", self.device])
-        dit_model = self.dit_model or find_model(self.checkpoints, "acestep-v15-", "acestep-v15-turbo")
+        dit_model = self.dit_model = self.dit_model or find_model(self.checkpoints, "acestep-v15-", "acestep-v15-turbo")
         for index in range(self.num_dit):
             self._spawn(f"dit{index}", "dit_service",
                         ["--checkpoints", ckpt, "--model", dit_model, "--device", self.device])
@@ -196,7 +197,11 @@ class LocalStack:
 
     def start_http(self, timeout_s: float = 120.0) -> ServiceProcess:
         """The HTTP edge in front of the gateway (its address: ``http_url``)."""
-        edge = self._spawn("http", "http_service", ["--gateway", self.services["gateway"].address, *self.http_args])
+        names = ["--dit-model", self.dit_model or ""]
+        if self.with_lm and self.lm_model:
+            names += ["--lm-model", self.lm_model]
+        edge = self._spawn("http", "http_service",
+                           ["--gateway", self.services["gateway"].address, *names, *self.http_args])
         edge.wait_port(timeout_s, self.check_stop)
         return edge
 

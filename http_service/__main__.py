@@ -35,6 +35,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--heartbeat-s", type=float, default=env_default("heartbeat_s", 15.0, float))
     parser.add_argument("--public-url", default=env_default("public_url", ""),
                         help="base URL for absolute file links (empty: relative links)")
+    parser.add_argument("--dit-model", default=env_default("dit_model", ""),
+                        help="the DiT model name the ACE-Step REST routes report (/v1/models, results)")
+    parser.add_argument("--lm-model", default=env_default("lm_model", ""),
+                        help="the LM model name the ACE-Step REST routes report")
+    parser.add_argument("--queue-maxsize", type=int, default=env_default("queue_maxsize", 0, int),
+                        help="the gateway's --max-queued, reported by /v1/stats (0: not reported)")
     parser.add_argument("--log-level", default=env_default("log_level", "INFO"))
     parser.add_argument("--log-json", action="store_true", default=env_default("log_json", False, bool))
     parser.add_argument("--drain-grace-s", type=float, default=env_default("drain_grace_s", 5.0, float),
@@ -50,7 +56,15 @@ def settings_from_args(args: argparse.Namespace) -> HttpSettings:
     origins = tuple(o.strip() for o in args.cors_origins.split(",") if o.strip())
     gateway_ca = Path(args.gateway_tls_ca).read_bytes() if args.gateway_tls_ca else None
     return HttpSettings(gateway=args.gateway, cors_origins=origins, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                        heartbeat_s=args.heartbeat_s, public_url=args.public_url.rstrip("/"), gateway_ca=gateway_ca)
+                        heartbeat_s=args.heartbeat_s, public_url=args.public_url.rstrip("/"), gateway_ca=gateway_ca,
+                        extra=_model_names(args))
+
+
+def _model_names(args: argparse.Namespace) -> dict:
+    names = {"dit_model": args.dit_model, "lm_model": args.lm_model}
+    if args.queue_maxsize > 0:
+        names["queue_maxsize"] = args.queue_maxsize
+    return {key: value for key, value in names.items() if value}
 
 
 async def serve(args: argparse.Namespace) -> None:

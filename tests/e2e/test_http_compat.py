@@ -118,7 +118,9 @@ def test_every_upstream_curl_example(route, command, http_url, stub, curl_dir) -
         if route == "/format_input":  # the example's param_obj: the LM keeps the user's metadata
             assert (data["duration"], data["vocal_language"]) == (180, "en")
     elif route == "/v1/models":
-        assert set(data) == {"models", "default_model"} and isinstance(data["models"], list)
+        assert set(data) == {"models", "default_model"}  # the stack's DiT folder, named by `acestep serve`
+        assert data["models"] == [{"name": data["default_model"], "is_default": True}]
+        assert data["default_model"].startswith("acestep-v15-")
     else:
         assert route == "/v1/stats" and set(data) >= {"jobs", "queue_size", "queue_maxsize", "avg_job_seconds"}
         jobs = data["jobs"]

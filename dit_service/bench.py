@@ -7,11 +7,16 @@ batch 1, then throughput at batch 1, 2, 4 and 8 (items per second and the ratio 
 ``--real-size`` (CUDA) builds the published 2B DiT, Qwen3-Embedding-0.6B and VAE shapes with
 random weights directly on the device (bf16), so the numbers reflect the real model's cost; only
 the tokenizer is the tiny one (token counts are similar for short prompts).
+
+``--stream`` instead measures the engine under a steady stream of requests (closed loop: every
+client sends its next one-item request as soon as the previous one finished) at batch 4, with
+the VAE decode pipelined on its own thread and inline, back to back: items per second and ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import sys
 import tempfile
@@ -159,6 +164,51 @@ def print_throughput_table(timings: Sequence[Timing]) -> None:
                     f"{statistics.mean(t.step_s):.4f}", f"{t.decode_s:.3f}"), widths))
 
 
+async def stream_items_per_s(pipeline: DitPipeline, *, vae_queue_batches: int, batch: int, clients: int,
+                             num_items: int, length_s: float, steps: int) -> float:
+    """Items per second of ``clients`` closed-loop clients sending one-item requests until ``num_items`` are done."""
+    from dit_service.engine import DitEngine, EngineConfig
+    from dit_service.events import SynthesisItem, SynthesisRequest
+
+    engine = DitEngine(pipeline, EngineConfig(max_batch_items=batch, batch_window_s=0.05,
+                                              vae_queue_batches=vae_queue_batches))
+    await engine.start()
+    params = GenerationParams(caption=CAPTION, lyrics=LYRICS, duration=length_s, inference_steps=steps, thinking=False)
+    remaining = num_items
+
+    async def client(name: int) -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            request = SynthesisRequest(f"stream-{name}-{remaining}", params, (SynthesisItem(seed=remaining),),
+                                       audio_format="wav", stream_pcm=True)
+            async for _ in engine.submit(request):
+                pass
+
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(client(i) for i in range(clients)))
+    finally:
+        await engine.stop()
+    return num_items / (time.perf_counter() - started)
+
+
+def print_stream_table(pipeline: DitPipeline, args: argparse.Namespace, label: str) -> None:
+    """Pipelined vs inline VAE decode, back to back on the same pipeline."""
+    runs = {}
+    for name, queue_batches in (("inline", 0), ("pipelined", 1)):
+        runs[name] = asyncio.run(stream_items_per_s(
+            pipeline, vae_queue_batches=queue_batches, batch=args.stream_batch, clients=2 * args.stream_batch,
+            num_items=args.stream_items, length_s=args.throughput_length, steps=args.steps))
+    print(f"Steady stream, batch {args.stream_batch}, {args.stream_items} one-item requests of "
+          f"{args.throughput_length:g} s, {label}")
+    header = ("vae_decode", "items_per_s", "vs_inline")
+    widths = [max(12, len(h)) for h in header]
+    print(_row(header, widths))
+    for name, rate in runs.items():
+        print(_row((name, f"{rate:.3f}", f"{rate / runs['inline']:.2f}"), widths))
+
+
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m dit_service.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=["turbo", "base"], default="turbo")
@@ -170,6 +220,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--throughput-length", type=float, default=30.0)
     parser.add_argument("--steps", type=int, default=8, help="base models: diffusion steps (turbo: always 8)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch default)")
+    parser.add_argument("--stream", action="store_true",
+                        help="only the steady-stream figure: VAE decode pipelined vs inline")
+    parser.add_argument("--stream-batch", type=int, default=4)
+    parser.add_argument("--stream-items", type=int, default=16)
     return parser.parse_args(argv)
 
 
@@ -186,6 +240,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         pipeline = tiny_pipeline(args.variant, args.device, args.checkpoints)
     run_batch(pipeline, 1, 10.0, args.steps)  # warm-up: first-call allocations and kernel selection
     label = f"{pipeline.name} on {args.device} ({pipeline.dtype}, {torch.get_num_threads()} CPU threads)"
+    if args.stream:
+        print_stream_table(pipeline, args, label)
+        return 0
     print(f"DiT stage timings, batch 1, {label}")
     print_stage_table([run_batch(pipeline, 1, length, args.steps) for length in args.lengths])
     print(f"\nThroughput, {args.throughput_length:g} s songs, {label}")

@@ -91,6 +91,7 @@ class BatchWorker:
         self.pcm_chunk_samples = max(1, pcm_chunk_bytes // PCM_BYTES_PER_FRAME)
         self._encoders = concurrent.futures.ThreadPoolExecutor(ENCODER_THREADS, thread_name_prefix="dit-encode")
         self._diffusion_busy = BusyMeter("diffusion")
+        self._decode_busy = BusyMeter("decode")
         self.decoder = DecodeStage(self._decode_job, decode_queue_batches) if decode_queue_batches else None
 
     def close(self) -> None:
@@ -137,7 +138,8 @@ class BatchWorker:
         if not job.live():
             return  # every row was cancelled while the batch waited
         try:
-            self._decode(job.batch, job.active, job.prepared, job.latents, job.live)
+            with self._decode_busy:
+                self._decode(job.batch, job.active, job.prepared, job.latents, job.live)
         except AceStepError as error:
             for request_id in dict.fromkeys(job.batch.rows[i].request_id for i in job.active):
                 job.batch.fail(request_id, error)
@@ -318,7 +320,6 @@ class DecodeStage:
         self.is_waiting_for_room = threading.Event()  # set while a put waits on a full queue
         self._decode = decode
         self._queue: queue.Queue[DecodeJob | None] = queue.Queue(max_batches)
-        self._busy = BusyMeter("decode")
         self._thread = threading.Thread(target=self._loop, name="dit-decode", daemon=True)
         self._thread.start()
 
@@ -346,5 +347,4 @@ class DecodeStage:
             metrics.DIT_DECODE_QUEUE_DEPTH.set(self._queue.qsize())
             if job is None:
                 return
-            with self._busy:
-                self._decode(job)
+            self._decode(job)

@@ -2,21 +2,25 @@
 
 Prints audio codes per second for 1 request vs 8 concurrent requests (the continuous-batching
 gain), the cost of LM classifier-free guidance (throughput with vs without), and the time to
-first token. Figures only; nothing is asserted.
+first token; each figure is the median of ``--repeats`` rounds, and the machine's load average is
+printed with them (on a shared CPU the figures move with it). Figures only; nothing is asserted.
 
-    python -m lm_service.bench [--checkpoints DIR] [--num-codes 150]
+    python -m lm_service.bench [--checkpoints DIR] [--num-codes 150] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional
+
+import torch
 
 from lm_service.__main__ import build_engine
 from lm_service.constraints.spec import ConstraintSpec
@@ -54,7 +58,7 @@ async def _timed(runtime: LmRuntime, request) -> tuple[tuple[int, ...], float]:
     return output.token_ids, first[0] if first else float("nan")
 
 
-async def run(model_dir: Path, num_codes: int, backend: str) -> None:
+async def run(model_dir: Path, num_codes: int, backend: str, repeats: int = 1) -> None:
     from transformers import AutoTokenizer
 
     config = LmEngineConfig(model_dir=model_dir, max_model_len=4096, max_num_seqs=32,
@@ -66,11 +70,14 @@ async def run(model_dir: Path, num_codes: int, backend: str) -> None:
     await engine.start()
     print(f"engine: {type(engine).__name__}, start-up {time.perf_counter() - t0:.1f} s, {num_codes} codes/request")
     await one_round(runtime, 1, 10, 1.0, 0)  # warm-up
+    print(f"load average before: {_load()}; torch threads: {torch.get_num_threads()}; median of {repeats} round(s)")
     rows = []
     for cfg_scale in (1.0, 2.0):
         for concurrency in (1, 8):
-            rate, ttfts = await one_round(runtime, concurrency, num_codes, cfg_scale, 100 * concurrency)
-            rows.append((cfg_scale, concurrency, rate, statistics.median(ttfts)))
+            rounds = [await one_round(runtime, concurrency, num_codes, cfg_scale, 100 * concurrency)
+                      for _ in range(repeats)]
+            rate = statistics.median(r for r, _ in rounds)
+            rows.append((cfg_scale, concurrency, rate, statistics.median(t for _, ttfts in rounds for t in ttfts)))
     base = {cfg: rate for cfg, conc, rate, _ in rows if conc == 1}
     print(f"{'cfg_scale':>9} {'requests':>8} {'codes/s':>9} {'vs 1 req':>9} {'TTFT p50':>9}")
     for cfg_scale, concurrency, rate, ttft in rows:
@@ -79,8 +86,12 @@ async def run(model_dir: Path, num_codes: int, backend: str) -> None:
     with_cfg = {conc: rate for cfg, conc, rate, _ in rows if cfg == 2.0}
     for conc in (1, 8):
         print(f"CFG cost at {conc} request(s): throughput {with_cfg[conc] / no_cfg[conc]:.2f}x of unguided")
-    print(f"peak running sequences: {engine.stats().peak_running_seqs}")
+    print(f"peak running sequences: {engine.stats().peak_running_seqs}; load average after: {_load()}")
     await engine.shutdown()
+
+
+def _load() -> str:
+    return " ".join(f"{value:.1f}" for value in os.getloadavg())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -89,13 +100,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--model", default="acestep-5Hz-lm-0.6B")
     parser.add_argument("--num-codes", type=int, default=150, help="codes per request (150 = 30 s)")
     parser.add_argument("--backend", default="auto", choices=["auto", "vllm", "hf"])
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per figure (the median is printed)")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     root = Path(args.checkpoints) if args.checkpoints else Path(tempfile.mkdtemp(prefix="bench-lm-"))
     if not args.checkpoints:
         from devtools.tiny_checkpoints import LM_DIR, write_lm
 
         write_lm(root / LM_DIR, seed=0)
-    asyncio.run(run(root / args.model, args.num_codes, args.backend))
+    asyncio.run(run(root / args.model, args.num_codes, args.backend, args.repeats))
     return 0
 
 

@@ -234,23 +234,24 @@ def _guided_logits(logits: torch.Tensor, rows: list[DecodeRow], gather: torch.Te
     device = logits.device
     cond = _rows_of(logits, [row.cond_row for row in rows], gather).to(torch.float32)  # [R, W]
     guided = [i for i, row in enumerate(rows) if row.decoder.uses_guidance]
-    if guided:
-        which = torch.tensor(guided, dtype=torch.long, device=device)  # [G]
-        uncond = _rows_of(logits, [rows[i].uncond_row for i in guided], gather)  # [G, W]
-        scale = torch.tensor([rows[i].decoder.settings.cfg_scale for i in guided], device=device)  # [G]
-        cond.index_copy_(0, which, cfg_combine(cond.index_select(0, which), uncond, scale))
-    return cond
+    if not guided:
+        return cond
+    uncond = _rows_of(logits, [rows[i].uncond_row for i in guided], gather)  # [G, W]
+    scale = torch.tensor([rows[i].decoder.settings.cfg_scale for i in guided], device=device)  # [G]
+    if len(guided) == len(rows):
+        return cfg_combine(cond, uncond, scale)  # [R, W]
+    which = torch.tensor(guided, dtype=torch.long, device=device)  # [G]
+    return cond.index_copy_(0, which, cfg_combine(cond.index_select(0, which), uncond, scale))
 
 
 def _rows_of(logits: torch.Tensor, indices: list[int], gather: torch.Tensor | None) -> torch.Tensor:
     """``[N, W]`` rows ``indices`` of ``logits``, restricted to the columns ``gather`` (ids) if given."""
-    rows = torch.tensor(indices, dtype=torch.long, device=logits.device)  # [N]
+    rows = logits.index_select(0, torch.tensor(indices, dtype=torch.long, device=logits.device))  # [N, V]
     if gather is None:
-        return logits.index_select(0, rows)  # [N, V]
+        return rows
     if len(_runs(gather)) > _MAX_SLICES:
-        return logits.index_select(0, rows).index_select(1, gather)  # [N, K]
-    parts = [logits[:, low:high].index_select(0, rows) for low, high in _runs(gather)]  # [N, run]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [N, K]
+        return rows.index_select(1, gather)  # [N, K]
+    return torch.cat([rows[:, low:high] for low, high in _runs(gather)], dim=1)  # [N, K]
 
 
 _runs_cache: dict[int, tuple[torch.Tensor, list[tuple[int, int]]]] = {}
@@ -289,6 +290,9 @@ def _mask_window(combined: torch.Tensor, plans: list[StepPlan]) -> None:
     """Block, in place, the window ids each request's constraint disallows this step."""
     blocked = [plan.window.blocked for plan in plans]
     if all(b is None for b in blocked):
+        return
+    if all(b is blocked[0] for b in blocked):  # the usual case: every row at the same kind of step
+        combined.masked_fill_(_on(blocked[0], combined.device), float("-inf"))  # [K] broadcast
         return
     none = torch.zeros(combined.shape[-1], dtype=torch.bool)  # [K]
     mask = torch.stack([none if b is None else b for b in blocked]).to(combined.device)  # [R, K]

@@ -130,7 +130,10 @@ def _top_p_among(logits: torch.Tensor, top_p: torch.Tensor, num_candidates: int)
     the candidates hold the whole kept set)."""
     width = logits.shape[-1]
     num_candidates = min(num_candidates, width)
-    values, order = torch.topk(logits, num_candidates, dim=-1)  # [R, K], [R, K] descending
+    if num_candidates == width:
+        values, order = torch.sort(logits, dim=-1, descending=True)  # [R, W], [R, W]
+    else:
+        values, order = torch.topk(logits, num_candidates, dim=-1)  # [R, K], [R, K] descending
     best = values[:, :1]  # [R, 1]
     total = torch.exp(logits - best).sum(dim=-1, dtype=torch.float64)  # [R] mass of the whole row
     probs = torch.exp(values - best).to(torch.float64) / total.reshape(-1, 1)  # [R, K]

@@ -135,11 +135,15 @@ async def test_diffusion_of_the_next_batch_runs_while_a_batch_decodes(pipeline) 
     probe = Probe(pipeline)
     probe.hold_decode = probe.prepared_events[2]  # decode of batch 1 waits until batch 2 is being prepared
     engine = await started_engine(probe, queue_batches=1)
+    busy = {stage: metrics.DIT_STAGE_BUSY_SECONDS.labels(stage)._value.get() for stage in ("diffusion", "decode")}
     try:
         results = await asyncio.gather(collect(engine, request("first")), collect(engine, request("second")))
     finally:
         await engine.stop()
     assert probe.wait_results == [True]
+    for stage, before in busy.items():
+        assert metrics.DIT_STAGE_BUSY_SECONDS.labels(stage)._value.get() > before, stage
+        assert 0 < metrics.DIT_STAGE_BUSY_FRACTION.labels(stage)._value.get() <= 1, stage
     assert probe.log.index(("prepare", 2)) < probe.log.index(("decode_end", 1))
     assert all(isinstance(events[-1], Done) for events in results)
 
@@ -248,3 +252,13 @@ async def test_a_failing_decode_fails_only_its_request(pipeline) -> None:
     assert "VAE decode failed" in str(results[0])
     assert isinstance(results[1][-1], Done)
     assert sum(isinstance(event, ItemDone) for event in results[1]) == 1
+
+
+def test_a_negative_decode_queue_is_refused_with_the_flag_named(pipeline) -> None:
+    from dit_service.__main__ import engine_config, parse_args
+    from shared.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="--vae-queue-batches must be >= 0, got -1"):
+        engine_config(parse_args(["--vae-queue-batches", "-1"]))
+    with pytest.raises(InvalidArgument, match="decode_queue_batches must be >= 0"):
+        DitEngine(pipeline, EngineConfig(vae_queue_batches=-1))

@@ -77,7 +77,8 @@ def _wrong_values(kind: str) -> st.SearchStrategy:
         return st.one_of(containers, st.booleans(), not_numbers, st.sampled_from(["nan", "inf", "-Infinity"]))
     if kind == "bool":
         words = {"1", "true", "yes", "y", "on", "0", "false", "no", "n", "off"}
-        return st.one_of(containers, st.integers().filter(lambda n: n not in (0, 1)), st.floats(),
+        return st.one_of(containers, st.integers().filter(lambda n: n not in (0, 1)),
+                         st.floats(allow_nan=False, allow_infinity=False),  # JSON has no NaN or infinity
                          st.text(min_size=1, max_size=8).filter(
                              lambda s: s.strip().lower() not in words and s.strip() not in ("", "N/A")))
     return st.one_of(containers.filter(bool), st.booleans())  # timesteps: a list of non-numbers below

@@ -28,7 +28,7 @@ from gateway import sdk
 from studio import forms, tabs
 from studio.forms import InvalidInput, SourceRef
 from studio.jobs import GatewayLink, StudioError
-from studio.panel import SEND_TARGETS, ResultPanel
+from studio.panel import SEND_TARGETS, ResultPanel, job_state
 
 GENERATE_SLOTS = 8
 OP_SLOTS = forms.MAX_OP_ITEMS
@@ -154,25 +154,26 @@ def build_page(link: GatewayLink, settings: StudioSettings = StudioSettings()) -
     studio = Studio(link)
     with gr.Blocks(title=settings.title, analytics_enabled=False) as page:
         gr.Markdown(f"## {settings.title}")
+        jobs = {name: job_state(name, settings.state_secret) for name in API_NAMES}
         with gr.Tabs(elem_id="studio-tabs") as tab_set:
-            controls = _build_tabs(studio, settings)
+            controls = _build_tabs(studio, jobs)
         _wire(page, studio, controls, tab_set)
     return page
 
 
 def _panel_tab(studio: Studio, name: str, label: str, build: Callable[[], dict[str, Any]], slots: int,
-               settings: StudioSettings) -> tuple[dict[str, Any], Any]:
+               job: Any) -> tuple[dict[str, Any], Any]:
     with gr.Tab(label, id=name):
         with gr.Row():
             with gr.Column():
                 controls = build()
                 button = gr.Button(label, variant="primary", elem_id=f"{name}-button")
             with gr.Column():
-                studio.panels[name] = ResultPanel(name, label, slots, settings.state_secret)
+                studio.panels[name] = ResultPanel(name, label, slots, job)
     return controls, button
 
 
-def _build_tabs(studio: Studio, settings: StudioSettings) -> dict[str, Any]:
+def _build_tabs(studio: Studio, jobs: dict[str, Any]) -> dict[str, Any]:
     built: dict[str, Any] = {}
     with gr.Tab("Generate", id="generate"):
         with gr.Row():
@@ -185,13 +186,13 @@ def _build_tabs(studio: Studio, settings: StudioSettings) -> dict[str, Any]:
                     built["sample"] = tabs.sample_controls()
                     built["sample_button"] = gr.Button("Create sample", elem_id="create-sample-button")
             with gr.Column():
-                studio.panels["generate"] = ResultPanel("generate", "Generate", GENERATE_SLOTS, settings.state_secret)
+                studio.panels["generate"] = ResultPanel("generate", "Generate", GENERATE_SLOTS, jobs["generate"])
     for name, label, build in (("retake", "Retake", tabs.retake_controls),
                                ("repaint", "Repaint", tabs.repaint_controls),
                                ("edit", "Edit", tabs.edit_controls),
                                ("extend", "Extend", tabs.extend_controls),
                                ("cover", "Cover", tabs.cover_controls)):
-        built[name], built[f"{name}_button"] = _panel_tab(studio, name, label, build, OP_SLOTS, settings)
+        built[name], built[f"{name}_button"] = _panel_tab(studio, name, label, build, OP_SLOTS, jobs[name])
     with gr.Tab("Understand", id="understand"):
         with gr.Row():
             with gr.Column():

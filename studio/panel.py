@@ -30,10 +30,17 @@ class Slot:
     send_buttons: dict[str, Any]
 
 
-class ResultPanel:
-    """Built inside the tab's layout; ``run`` and ``reattach`` drive it."""
+def job_state(name: str, state_secret: str) -> Any:
+    """The job id of a tab's last run, kept in the browser's localStorage (encrypted)."""
+    return gr.BrowserState(None, storage_key=f"acestep-studio-job-{name}", secret=state_secret)
 
-    def __init__(self, name: str, label: str, num_slots: int, state_secret: str) -> None:
+
+class ResultPanel:
+    """Built inside the tab's layout; ``run`` and ``reattach`` drive it. ``job`` is the tab's
+    :func:`job_state`, made outside the tabs: a component in a tab the page has not shown yet is
+    not mounted, and an unmounted BrowserState never reads the browser's storage."""
+
+    def __init__(self, name: str, label: str, num_slots: int, job: Any) -> None:
         self.name = name
         self.progress = gr.HTML(idle_html(), label=f"{label} progress", elem_id=f"{name}-progress",
                                 elem_classes=["studio-board"])
@@ -48,7 +55,7 @@ class ResultPanel:
                                for target, text in SEND_TARGETS}
             self.slots.append(Slot(column, audio, buttons))
         self.params_json = gr.JSON(label=f"{label} parameters", elem_id=f"{name}-params", max_height=360)
-        self.job = gr.BrowserState(None, storage_key=f"acestep-studio-job-{name}", secret=state_secret)
+        self.job = job
         self.records = gr.State([])  # one parameters record per finished item, for "Send to"
 
     @property

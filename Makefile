@@ -89,8 +89,9 @@ REFERENCE_SRC ?= $(ACESTEP_REFERENCE_SRC)
 REFERENCE_REV ?= HEAD
 REFERENCE_DIR ?= .reference/ACE-Step-1.5
 
+# vLLM picks its platform from VLLM_TARGET_DEVICE, which this Makefile exports as cpu for the CPU build.
 bench-gpu: $(BENCH_GPU_DEPS)
-	$(PY) -m devtools.bench_gpu --device $(DEVICE) --size $(SIZE) --out $(BENCH_OUT) --reference-dir $(REFERENCE_DIR) \
+	VLLM_TARGET_DEVICE=$(if $(filter cpu,$(DEVICE)),cpu,cuda) $(PY) -m devtools.bench_gpu --device $(DEVICE) --size $(SIZE) --out $(BENCH_OUT) --reference-dir $(REFERENCE_DIR) \
 		$(if $(REFERENCE_SRC),--reference-src $(REFERENCE_SRC) --reference-rev $(REFERENCE_REV),) $(BENCH_GPU_ARGS)
 
 # The reference implementation (ace-step/ACE-Step-1.5) in an ignored folder, from a git dir or URL.

@@ -30,7 +30,7 @@ from devtools.bench_gpu import report
 from devtools.bench_gpu.spec import BenchSpec, SectionResult
 
 SECTIONS = ("dit", "lm", "stack", "reference")
-SHARES = {"dit": 0.2, "lm": 0.25, "stack": 0.3, "reference": 0.25}  # of the budget left, among the sections left
+SHARES = {"dit": 0.25, "lm": 0.25, "stack": 0.3, "reference": 0.2}  # of the budget left, among the sections left
 TERM_GRACE_S = 20.0
 
 
@@ -123,6 +123,13 @@ def _stop_group(process: subprocess.Popen) -> None:
             continue
 
 
+def _keep_log(log_path: Path, target: Path, max_bytes: int = 256 * 1024) -> None:
+    """The end of a failed section's log next to the results (a one-shot run on a lent machine keeps it)."""
+    if log_path.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(log_path.read_bytes()[-max_bytes:])
+
+
 def hardware(device: str) -> str:
     if not device.startswith("cuda"):
         return f"CPU, {os.cpu_count()} cores"
@@ -156,17 +163,9 @@ def ensure_reference(args: argparse.Namespace) -> str:
                                                                    if skipped else "")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    started = time.monotonic()
-    deadline = started + args.budget_s
-    checkpoints, lm_dir, weights_state = prepare_checkpoints(args)
-    notes = [f"weights: {args.size} sizes, random, {checkpoints} ({weights_state})"]
-    notes += [note for note in [ensure_reference(args)] if note]
-    work = Path(tempfile.mkdtemp(prefix="acestep-bench-gpu-"))
-    spec = build_spec(args, checkpoints, lm_dir, work)
-    spec_path = work / "spec.json"
-    spec_path.write_text(spec.to_json(), encoding="utf-8")
+def run_sections(args: argparse.Namespace, spec_path: Path, work: Path, deadline: float,
+                 notes: list[str]) -> tuple[list[SectionResult], Optional[SectionResult]]:
+    """Each section in turn with its share of the time left; returns ours and the reference's results."""
     ours: list[SectionResult] = []
     reference: Optional[SectionResult] = None
     for index, name in enumerate(args.sections):
@@ -178,21 +177,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"section {name}: {problem or 'done'} ({time.monotonic() - section_started:.0f} s)", flush=True)
         if problem:
             notes.append(f"section {name}: {problem}")
+            _keep_log(work / f"{name}.log", args.out / f"{name}.log")
         if result is not None:
             notes += result.notes
             if name == "reference":
                 reference = result
             else:
                 ours.append(result)
+    return ours, reference
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    checkpoints, lm_dir, weights_state = prepare_checkpoints(args)
+    notes = [f"weights: {args.size} sizes, random, {checkpoints} ({weights_state})"]
+    notes += [note for note in [ensure_reference(args)] if note]
+    work = Path(tempfile.mkdtemp(prefix="acestep-bench-gpu-"))
+    spec = build_spec(args, checkpoints, lm_dir, work)
+    spec_path = work / "spec.json"
+    spec_path.write_text(spec.to_json(), encoding="utf-8")
+    ours, reference = run_sections(args, spec_path, work, started + args.budget_s, notes)
     lines = report.merge(ours, reference)
     unavailable = reference.unavailable if reference else {}
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    title = f"bench-gpu, {date}, {hardware(args.device)}, {args.size} random weights"
+    machine = hardware(args.device)
+    title = f"bench-gpu, {date}, {machine}, {args.size} random weights"
     notes.append(f"whole run: {time.monotonic() - started:.0f} s")
     print(f"\n{title}\n")
     print(report.text_table(lines, unavailable))
     print("\n" + "\n".join(report.footnotes(unavailable, notes)))
-    meta = {"title": title, "date": date, "hardware": hardware(args.device), "spec": json.loads(spec.to_json())}
+    meta = {"title": title, "date": date, "hardware": machine, "spec": json.loads(spec.to_json())}
     json_path, md_path = report.write_outputs(args.out, title, lines, unavailable, notes, meta)
     print(f"\nwritten: {json_path}, {md_path}")
     return 0

@@ -275,7 +275,8 @@ def run(spec: BenchSpec, result: SectionResult) -> None:
         result.unavailable.setdefault(MEMORY, "neither the reference's DiT nor its LM loaded")
     else:
         peak = torch.cuda.max_memory_allocated() / 2**30 if spec.is_cuda else peak_host_rss_gib()
-        result.put(Line(MEMORY, "DiT + LM (in process)", memory_metric(spec.is_cuda), reference=peak))
+        held = "DiT + LM" if dit is not None and lm is not None else ("DiT service" if dit is not None else "LM service")
+        result.put(Line(MEMORY, f"{held} (in process)", memory_metric(spec.is_cuda), reference=peak))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ import torch
 _MASK = float("-inf")
 _MASK64 = (1 << 64) - 1
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # 2**64 / golden ratio, the splitmix64 increment
-_TOP_P_CANDIDATES = 1024
+_TOP_P_BUCKETS = 4096
+_MIN_SPAN = 1e-6  # a row whose likely values differ by less puts them in few buckets (no overflow)
 
 
 def _mix64(value: int) -> int:
@@ -103,47 +104,54 @@ def top_k_filter(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
 def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Keep each row's smallest set of most likely tokens whose probability reaches ``top_p``.
 
-    The token whose probability crosses ``top_p`` is kept, and so is the most likely token.
+    A token is kept when the probability of the tokens strictly more likely than it is below
+    ``top_p``: the token that crosses ``top_p`` is kept, and so is the most likely token.
     ``top_p >= 1`` keeps all.
     """
     active = top_p < 1.0  # [R]
     if not bool(active.any()):
         return logits
-    # Sorting the whole vocabulary is slow; the kept set almost always lies in the top few hundred
-    # tokens, so look there first and sort everything only for the rows where it does not.
-    every = bool(active.all())
+    if bool(active.all()):
+        return logits.masked_fill(~_top_p_keep(logits, top_p), _MASK)  # [R, W]
     rows = active.nonzero().flatten()  # [A]
-    chosen, chosen_p = (logits, top_p) if every else (logits[rows], top_p[rows])  # [A, W], [A]
-    filtered, complete = _top_p_among(chosen, chosen_p, _TOP_P_CANDIDATES)  # [A, W], [A]
-    if not bool(complete.all()):
-        retry = (~complete).nonzero().flatten()  # [B]
-        filtered[retry] = _top_p_among(chosen[retry], chosen_p[retry], logits.shape[-1])[0]
-    if every:
-        return filtered
+    chosen = logits[rows]  # [A, W]
     out = logits.clone()  # [R, W]
-    out[rows] = filtered
+    out[rows] = chosen.masked_fill(~_top_p_keep(chosen, top_p[rows]), _MASK)
     return out
 
 
-def _top_p_among(logits: torch.Tensor, top_p: torch.Tensor, num_candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-p over each row's ``num_candidates`` best tokens → (filtered ``[R, W]``, ``[R]`` True where
-    the candidates hold the whole kept set)."""
-    width = logits.shape[-1]
-    num_candidates = min(num_candidates, width)
-    if num_candidates == width:
-        values, order = torch.sort(logits, dim=-1, descending=True)  # [R, W], [R, W]
-    else:
-        values, order = torch.topk(logits, num_candidates, dim=-1)  # [R, K], [R, K] descending
-    best = values[:, :1]  # [R, 1]
-    total = torch.exp(logits - best).sum(dim=-1, dtype=torch.float64)  # [R] mass of the whole row
-    probs = torch.exp(values - best).to(torch.float64) / total.reshape(-1, 1)  # [R, K]
-    mass_before = torch.cumsum(probs, dim=-1) - probs  # [R, K] probability of strictly better tokens
-    keep = mass_before < top_p.to(torch.float64).reshape(-1, 1)  # [R, K]
-    keep[:, 0] = True
-    complete = (probs.sum(dim=-1) >= top_p) | (num_candidates == width)  # [R]
-    out = torch.full_like(logits, _MASK)  # [R, W]
-    out.scatter_(1, order, values.masked_fill(~keep, _MASK))
-    return out, complete
+def _top_p_keep(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """``[R, W]`` bool: the tokens ``top_p_filter`` keeps, found without sorting whole rows.
+
+    A histogram of each row's values (``_TOP_P_BUCKETS`` equal-width buckets between its lowest and
+    highest finite value) gives the bucket where the probability counted from the top reaches
+    ``top_p``: tokens in higher buckets are kept, tokens in lower ones dropped, and only the tokens
+    of that bucket are sorted to place the boundary exactly. (A model that spreads its probability
+    over most of the vocabulary, like a random-weight one, would otherwise sort the whole row.)
+    """
+    num_rows, num_buckets = logits.shape[0], _TOP_P_BUCKETS
+    best = logits.amax(dim=-1, keepdim=True)  # [R, 1]
+    weights = torch.exp(logits - best).to(torch.float64)  # [R, W] unnormalised probabilities, 0 where -inf
+    target = top_p.to(torch.float64).reshape(-1, 1) * weights.sum(dim=-1, keepdim=True)  # [R, 1] top_p's weight
+    lowest = torch.where(weights > 0, logits, best).amin(dim=-1, keepdim=True)  # [R, 1]
+    scale = num_buckets / (best - lowest).clamp(min=_MIN_SPAN)  # [R, 1]
+    bucket = ((logits - lowest) * scale).floor_().clamp_(0, num_buckets - 1).long()  # [R, W]
+    mass = torch.zeros((num_rows, num_buckets), dtype=torch.float64, device=logits.device)
+    mass.scatter_add_(1, bucket, weights)  # [R, N] weight per bucket
+    from_top = mass.flip(-1).cumsum(dim=-1)  # [R, N] weight of the j+1 highest buckets
+    crossing_rank = torch.searchsorted(from_top, target).clamp(max=num_buckets - 1)  # [R, 1]
+    above = torch.where(crossing_rank > 0, from_top.gather(1, (crossing_rank - 1).clamp(min=0)), 0.0)  # [R, 1]
+    crossing = num_buckets - 1 - crossing_rank  # [R, 1]
+    keep = bucket > crossing  # [R, W]
+    in_crossing = (bucket == crossing) & (weights > 0)  # [R, W]
+    for row in range(num_rows):
+        members = in_crossing[row].nonzero().flatten()  # [M]
+        members = members[torch.sort(logits[row, members], descending=True).indices]  # [M] most likely first
+        member_weights = weights[row, members]  # [M]
+        before = above[row] + torch.cumsum(member_weights, dim=0) - member_weights  # [M]
+        keep[row, members[before < target[row]]] = True
+    keep[torch.arange(num_rows, device=logits.device), torch.argmax(logits, dim=-1)] = True
+    return keep
 
 
 def sample_inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

@@ -102,8 +102,14 @@ def _top_p_by_full_sort(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("scale", [0.01, 1.0, 8.0])
 @pytest.mark.parametrize("top_p", [0.3, 0.9, 0.999])
-def test_top_p_keeps_the_same_set_as_a_full_sort_for_peaked_and_flat_distributions(scale: float, top_p: float) -> None:
+@pytest.mark.parametrize("shape", ["plain", "masked", "outlier"])
+def test_top_p_keeps_the_same_set_as_a_full_sort(scale: float, top_p: float, shape: str) -> None:
+    """Peaked and flat rows, rows with masked (-inf) ids, a row whose values crowd a few buckets."""
     logits = _randn(5000, seed=3) * scale
+    if shape == "masked":
+        logits[::3] = NEG_INF
+    elif shape == "outlier":
+        logits[7] = logits.max() + 40.0 * scale  # one far value: the rest share few histogram buckets
     assert torch.equal(torch.isfinite(_top_p_one(logits, top_p)), torch.isfinite(_top_p_by_full_sort(logits, top_p)))
 
 

@@ -5,16 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import socket
 import sys
 from pathlib import Path
 from typing import Optional
 
-import uvicorn
 
 from http_service.app import HttpSettings, create_app
 from shared.config import env_default
-from shared.grpc_server import write_port_file
+from shared.asgi import serve_asgi
 from shared.telemetry import setup_logging
 
 log = logging.getLogger("http")
@@ -68,24 +66,8 @@ def _model_names(args: argparse.Namespace) -> dict:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
-    config = uvicorn.Config(create_app(settings_from_args(args)), log_level=args.log_level.lower(),
-                            access_log=False,
-                            timeout_graceful_shutdown=max(1, int(args.drain_grace_s)))
-    server = uvicorn.Server(config)
-    port = sock.getsockname()[1]
-
-    async def publish_port() -> None:
-        while not server.started:
-            await asyncio.sleep(0.05)
-        write_port_file(args.port_file, port)
-        log.info("HTTP API on http://%s:%d (gateway %s)", args.host, port, args.gateway)
-
-    publisher = asyncio.ensure_future(publish_port())
-    await server.serve(sockets=[sock])
-    publisher.cancel()
+    await serve_asgi(create_app(settings_from_args(args)), args.host, args.port, args.port_file, args.drain_grace_s,
+                     args.log_level, f"HTTP API (gateway {args.gateway})")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

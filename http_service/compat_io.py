@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, Iterator
 from urllib.parse import parse_qsl
 
 import grpc
@@ -17,6 +17,7 @@ from http_service.compat_audio import MEDIA_TYPES, RangeNotSatisfiable, parse_fi
 from http_service.compat_audio import ref_from_reference
 from http_service.compat_fields import BY_NAME, UPSTREAM_NAME, FieldError, api_token, show
 from http_service.gateway_link import EdgeError, edge_error
+from http_service.jobs_view import byte_window
 from shared import convert
 from shared.errors import InvalidArgument
 from shared.pb.acestep.common.v1 import common_pb2
@@ -213,20 +214,7 @@ async def audio_response(request: Request, path: str) -> Response:
                "Content-Disposition": f'inline; filename="{path}"'}
     if window is not None:
         headers["Content-Range"] = f"bytes {first_byte}-{last_byte}/{total}"
-    return StreamingResponse(_window(call, first, first_byte, last_byte), status_code=206 if window else 200,
+    return StreamingResponse(byte_window(call, first, first_byte, last_byte), status_code=206 if window else 200,
                              media_type=MEDIA_TYPES[ref.audio_format], headers=headers)
 
 
-async def _window(call: Any, first: gw.AudioChunk, first_byte: int, last_byte: int) -> AsyncIterator[bytes]:
-    """The bytes ``first_byte..last_byte`` of the streamed file (chunks carry their offsets)."""
-    try:
-        chunk = first
-        while chunk is not grpc.aio.EOF:
-            start, end = chunk.offset, chunk.offset + len(chunk.data)
-            if end > first_byte and start <= last_byte:
-                yield chunk.data[max(first_byte - start, 0): last_byte - start + 1]
-            if end > last_byte:
-                break
-            chunk = await call.read()
-    finally:
-        call.cancel()

@@ -198,12 +198,12 @@ async def audio_response(call: Any, range_header: Optional[str], request_id: str
         call.cancel()
         body: Any = iter(())
     else:
-        body = _window(call, first, first_byte, last_byte)
+        body = byte_window(call, first, first_byte, last_byte)
     return StreamingResponse(body, status_code=206 if window is not None else 200,
                              media_type=MEDIA_TYPES[audio_format], headers=headers)
 
 
-async def _window(call: Any, first: gw.AudioChunk, first_byte: int, last_byte: int) -> AsyncIterator[bytes]:
+async def byte_window(call: Any, first: gw.AudioChunk, first_byte: int, last_byte: int) -> AsyncIterator[bytes]:
     """Bytes ``first_byte..last_byte`` of the streamed file (each chunk carries its offset). A
     gateway failure after the headers went out ends the body early (the client sees fewer bytes
     than ``Content-Length``)."""

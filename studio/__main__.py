@@ -5,19 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import socket
 import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
 
 import gradio as gr
-import uvicorn
 from fastapi import FastAPI
 
 from gateway import sdk
 from shared.config import env_default, optional_env
-from shared.grpc_server import write_port_file
+from shared.asgi import serve_asgi
 from shared.telemetry import setup_logging
 from studio.app import CSS, StudioSettings, build_page
 from studio.jobs import GatewayLink
@@ -73,23 +71,8 @@ def create_app(args: argparse.Namespace, work_dir: Path) -> FastAPI:
 
 async def serve(args: argparse.Namespace) -> None:
     work_dir = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="acestep-studio-"))
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
-    config = uvicorn.Config(create_app(args, work_dir), log_level=args.log_level.lower(), access_log=False,
-                            timeout_graceful_shutdown=max(1, int(args.drain_grace_s)))
-    server = uvicorn.Server(config)
-    port = sock.getsockname()[1]
-
-    async def publish_port() -> None:
-        while not server.started:
-            await asyncio.sleep(0.05)
-        write_port_file(args.port_file, port)
-        log.info("studio on http://%s:%d (gateway %s)", args.host, port, args.gateway)
-
-    publisher = asyncio.ensure_future(publish_port())
-    await server.serve(sockets=[sock])
-    publisher.cancel()
+    await serve_asgi(create_app(args, work_dir), args.host, args.port, args.port_file, args.drain_grace_s,
+                     args.log_level, f"studio (gateway {args.gateway})")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -37,7 +37,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--dtype", default=env_default("lm_dtype", "auto"))
     parser.add_argument("--max-model-len", type=int, default=env_default("lm_max_model_len", 4096, int))
     parser.add_argument("--max-num-seqs", type=int, default=env_default("lm_max_num_seqs", 64, int))
-    parser.add_argument("--kv-cache-gib", type=float, default=env_default("lm_kv_cache_gib", 1.0, float))
+    parser.add_argument("--kv-cache-gib", type=float, default=env_default("lm_kv_cache_gib", 1.0, float),
+                        help="KV cache size on CPU; on a GPU vLLM sizes it from --gpu-memory-utilization")
+    parser.add_argument("--gpu-memory-utilization", type=float,
+                        default=env_default("lm_gpu_memory_utilization", 0.9, float),
+                        help="vLLM's share of the GPU's memory (lower it when the DiT shares the GPU)")
     parser.add_argument("--max-active", type=int, default=env_default("lm_max_active", 0, int),
                         help="work units served at once (a task, or one code item of a plan); "
                              "0: half of --max-num-seqs (every unit may be a guided pair)")
@@ -64,6 +68,7 @@ def engine_config(args: argparse.Namespace) -> LmEngineConfig:
     return LmEngineConfig(model_dir=Path(args.checkpoints) / args.model, dtype=dtype,
                           max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                           kv_cache_gib=args.kv_cache_gib if device == "cpu" else 0.0,
+                          gpu_memory_utilization=args.gpu_memory_utilization,
                           enforce_eager=device == "cpu", device=device, views_dir=str(views))
 
 

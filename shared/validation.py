@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import unicodedata
 from typing import Iterable, Optional
 
 from shared import constants as c
@@ -256,6 +257,9 @@ def check_studio_fields(params: GenerationParams) -> None:
                               field="cfg_type")
     check_choice("edit_mode", params.edit_mode or "only_lyrics", EDIT_MODES)
     check_text("source_request_id", params.source_request_id, REQUEST_ID_MAX_CHARS)
+    if any(unicodedata.category(ch) == "Cc" for ch in params.source_request_id):
+        raise InvalidArgument("source_request_id must not contain control characters (it names a job)",
+                              field="source_request_id")
     check_text("edit_target_caption", params.edit_target_caption, c.CAPTION_MAX_CHARS)
     check_text("edit_target_lyrics", params.edit_target_lyrics, c.LYRICS_MAX_CHARS)
     check_range("source_item_index", params.source_item_index, 0, c.BATCH_SIZE_MAX - 1)

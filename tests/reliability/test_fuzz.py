@@ -163,14 +163,18 @@ class Observed(collections.Counter):
 
 def _check_error(error: grpc.RpcError, events: list[str], request: object) -> str:
     """A clear status: INVALID_ARGUMENT, or RESOURCE_EXHAUSTED from admission (a full gateway refuses
-    before ``accepted``; a full backend after it)."""
+    before ``accepted``; a full backend after it), or NOT_FOUND naming ``source_request_id`` when the
+    request builds on a job that does not exist."""
     code, details = error.code().name, error.details() or ""
     allowed = CLEAR_CODES if events else {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}
+    detail = error_detail(error)
+    if code == "NOT_FOUND" and not events:
+        assert detail is not None and detail.field == "source_request_id", f"{details[:300]!r} for {request!r:.600}"
+        allowed = {"NOT_FOUND"}
     assert code in allowed, f"{code}: {details[:300]!r} after {events} for {request!r:.600}"
     assert len(details.encode()) <= 1000, "status messages stay small (they travel in trailers)"
     assert "Traceback" not in details and 'File "' not in details, details
     assert details.strip(), "an error must say what is wrong"
-    detail = error_detail(error)
     if code == "INVALID_ARGUMENT" and detail is not None:
         assert detail.code == code and detail.message == details
     return code

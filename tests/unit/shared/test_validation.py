@@ -168,3 +168,9 @@ def test_lm_side_requests() -> None:
     with pytest.raises(InvalidArgument, match="user_metadata.bpm must be in"):
         validate_format_sample(FormatSampleParams(user_metadata=MusicMetadata(bpm=1000)))
     validate_understand(UnderstandParams(audio_codes="NO USER INPUT"))
+
+
+@pytest.mark.parametrize("job_id", ["abc\ndef", "\x00", "id\x1a"])
+def test_a_source_job_id_with_control_characters_is_refused(job_id: str) -> None:
+    error = _fails(GenerationParams(task_type="retake", caption="x", source_request_id=job_id))
+    assert error.field == "source_request_id" and "control characters" in error.message
